@@ -1,0 +1,107 @@
+"""Everything that reaches into NeMo internals, in one place, and why.
+
+NeMo 3.0's public streaming call, `conformer_stream_step`, cannot serve a batch of
+independent calls:
+
+* `set_inference_prompt` holds ONE language index per model, and the batched
+  `CacheAwareRNNTPipeline` never applies the prompt at all (measured: `prompt_kernel`
+  is called 0 times). We build the one-hot per stream from the model's own
+  `prompt_dictionary` and apply the model's own `prompt_kernel` row by row
+  (`apply_prompts`), exactly as `PromptStreamingMixin._apply_prompt_to_encoded` does
+  for one index.
+* `drop_extra_pre_encoded` is one integer per call, but a stream on its first step
+  needs 0 and a stream on a later step needs the config value. We run the
+  subsampling (`encoder.pre_encode`) per group and the conformer layers for the whole
+  batch with `bypass_pre_encode=True` (`pre_encode`, `encode_pre_encoded`). Both groups
+  produce exactly `valid_out_len` frames per step, so the batch stays rectangular.
+* `keep_all_outputs` is also one flag per call; we keep every output and trim per
+  stream ourselves (the flag only trims, it never changes the caches).
+
+If NeMo grows per-stream prompts and drops in its streaming API, this module is the
+only one to change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+
+@contextlib.contextmanager
+def quiet_nemo_logging(level: int = logging.ERROR):
+    """NeMo logs pages of config at INFO while building or restoring a model."""
+    try:
+        from nemo.utils import logging as nemo_logging
+    except ImportError:  # pragma: no cover - NeMo is a hard dependency
+        yield
+        return
+    previous = nemo_logging.getEffectiveLevel()
+    nemo_logging.setLevel(level)
+    try:
+        yield
+    finally:
+        nemo_logging.setLevel(previous)
+
+
+def has_prompt(model) -> bool:
+    return bool(getattr(model, "concat", False)) and getattr(model, "prompt_kernel", None) is not None
+
+
+def prompt_dictionary(model) -> dict[str, int]:
+    try:
+        table = model.cfg.model_defaults.get("prompt_dictionary", {}) or {}
+    except AttributeError:
+        table = {}
+    return {str(key): int(value) for key, value in dict(table).items()}
+
+
+def apply_prompts(model, encoded: torch.Tensor, prompt_indices: torch.Tensor) -> torch.Tensor:
+    """Condition `encoded` (B, D, T) on one language index per row.
+
+    Same math as `_apply_prompt_to_encoded`, which only knows one index per model.
+    """
+    if not has_prompt(model):
+        return encoded
+    encoded = encoded.transpose(1, 2)
+    batch, steps, _ = encoded.shape
+    one_hot = torch.zeros(batch, steps, model.num_prompts, dtype=encoded.dtype, device=encoded.device)
+    one_hot.scatter_(2, prompt_indices.view(batch, 1, 1).expand(-1, steps, -1), 1.0)
+    out_dtype = encoded.dtype
+    conditioned = model.prompt_kernel(torch.cat([encoded, one_hot], dim=-1)).to(out_dtype)
+    return conditioned.transpose(1, 2)
+
+
+def pre_encode(encoder, mel: torch.Tensor, lengths: torch.Tensor, drop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the subsampling of `encoder` on mel (B, F, T) and drop `drop` leading frames.
+
+    Mirrors the first lines of `ConformerEncoder.forward_internal`.
+    """
+    x, out_len = encoder.pre_encode(x=mel.transpose(1, 2), lengths=lengths)
+    out_len = out_len.to(torch.int64)
+    if drop > 0:
+        x = x[:, drop:, :]
+        out_len = (out_len - drop).clamp(min=0)
+    return x, out_len
+
+
+def encode_pre_encoded(encoder, x: torch.Tensor, lengths: torch.Tensor, cache_channel: torch.Tensor,
+                       cache_time: torch.Tensor, cache_len: torch.Tensor):
+    """The conformer layers for a batch of already subsampled chunks, with caches.
+
+    Returns (encoded (B, D, T) untrimmed, lengths, next caches...).
+    """
+    return encoder.cache_aware_stream_step(
+        processed_signal=x, processed_signal_length=lengths, cache_last_channel=cache_channel,
+        cache_last_time=cache_time, cache_last_channel_len=cache_len, keep_all_outputs=True,
+        bypass_pre_encode=True,
+    )
+
+
+def decode_step(model, encoded: torch.Tensor, lengths: torch.Tensor, hypotheses: list):
+    """Greedy RNN-T continuation of each stream's partial hypothesis (None starts fresh)."""
+    return model.decoding.rnnt_decoder_predictions_tensor(
+        encoder_output=encoded, encoded_lengths=lengths, return_hypotheses=True,
+        partial_hypotheses=hypotheses,
+    )

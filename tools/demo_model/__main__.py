@@ -1,0 +1,4 @@
+"""CLI: python -m tools.demo_model {build,synth,train,evaluate,ship,overfit} --out build/demo"""
+from .cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Transports Pipecat lacks (direct SIP/RTP). Transports never import the engine."""
