@@ -10,6 +10,7 @@ results to each stream's event loop. Nothing on the event loop waits for the mod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -43,18 +44,20 @@ def _model_lock(model) -> threading.Lock:
 class EngineStats:
     """Counters of the engine thread. `realtime_factor` > 1 means steps are slower than audio."""
 
+    chunk_ms: int = 0
     steps: int = 0
     streams_stepped: int = 0
     audio_seconds: float = 0.0
     busy_seconds: float = 0.0
     last_step_ms: float = 0.0
     last_batch: int = 0
+    last_lag_s: float = 0.0
     max_lag_s: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
 
     @property
     def realtime_factor(self) -> float:
-        return self.busy_seconds / self.audio_seconds * self.last_batch if self.audio_seconds else 0.0
+        return self.busy_seconds / (self.steps * self.chunk_ms / 1000) if self.steps else 0.0
 
 
 class _SlotPool:
@@ -130,7 +133,7 @@ class Engine:
         self.max_batch = max_batch or max_streams
         self.max_backlog_s = max_backlog_s
         self.strip_language_tags = strip_language_tags
-        self.stats = EngineStats()
+        self.stats = EngineStats(chunk_ms=chunk_ms)
         self.model = None
         self.spec = None
         self.languages: dict[str, int] = {}
@@ -142,6 +145,8 @@ class Engine:
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._lag_warned_at = 0.0
+        self._pause_depth = 0
+        self.lag_warning_s = 1.0
         self._thread = threading.Thread(target=self._run, name=f"nemotron-engine-{chunk_ms}ms", daemon=True)
         self._thread.start()
 
@@ -186,6 +191,18 @@ class Engine:
             for key, engine in list(_registry.items()):
                 if engine is self:
                     del _registry[key]
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Hold the engine thread between steps, e.g. to feed many streams and step them together."""
+        with self._lock:
+            self._pause_depth += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._pause_depth -= 1
+                self._wakeup.notify_all()
 
     @property
     def open_streams(self) -> int:
@@ -264,10 +281,10 @@ class Engine:
         self._ready.set()
         while True:
             with self._lock:
-                jobs = self._collect_jobs()
+                jobs = [] if self._pause_depth else self._collect_jobs()
                 while not jobs and self._running:
                     self._wakeup.wait()
-                    jobs = self._collect_jobs()
+                    jobs = [] if self._pause_depth else self._collect_jobs()
                 if not self._running:
                     return
             self._execute(jobs)
@@ -328,6 +345,7 @@ class Engine:
                     stream.frames_stepped += job.frames
                     stream.steps += 1
                     stream._trim(max(0, (stream.frames_stepped - LEAD_FRAMES) * HOP))
+                    stream._measure_age(now)
                 stream.last_step_at = now
                 tokens = list(stream.hypothesis.y_sequence) if stream.hypothesis is not None else []
                 tokens = [int(t) for t in tokens]
@@ -389,10 +407,11 @@ class Engine:
             stats.batch_sizes.append(batch)
 
     def _check_lag(self, jobs: list[_Job]) -> None:
-        lag = max((job.stream.lag_s for job in jobs), default=0.0)
+        lag = max((job.stream.audio_age_s for job in jobs if job.step), default=0.0)
+        self.stats.last_lag_s = lag
         self.stats.max_lag_s = max(self.stats.max_lag_s, lag)
         now = time.monotonic()
-        if lag > 2.0 and now - self._lag_warned_at > 10.0:
+        if lag > self.lag_warning_s and now - self._lag_warned_at > 10.0:
             self._lag_warned_at = now
             logger.warning("engine lags %.1f s behind real time (last step %.0f ms for %d streams of %d ms): "
                            "use a larger chunk, fewer streams, or a GPU", lag, self.stats.last_step_ms,

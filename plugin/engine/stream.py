@@ -83,6 +83,8 @@ class Stream:
         self._last_text: str | None = None
         self._last_detected: str | None = None
         self.last_step_at = 0.0
+        self._feed_times: deque[tuple[int, float]] = deque()  # (timeline end of a feed, when it came)
+        self.audio_age_s = 0.0  # how old the newest stepped audio was when its step ended
 
     # ---- caller side -------------------------------------------------------------------
     def feed(self, samples) -> None:
@@ -99,6 +101,7 @@ class Stream:
                 self._chunks.append(audio)
                 self.total_samples += len(audio)
                 self.fed_samples += len(audio)
+                self._feed_times.append((self.total_samples, time.monotonic()))
         self._engine._wake()
 
     def finalize(self) -> None:
@@ -113,6 +116,7 @@ class Stream:
                 self._chunks.append(np.zeros(padding, dtype=np.float32))
                 self._pads.append((self.total_samples, padding))
                 self.total_samples += padding
+                self._feed_times.append((self.total_samples, time.monotonic()))
             self._finalize_queue.append(_FinalizeRequest(frame_end, self.fed_samples, time.monotonic()))
         self._engine._wake()
 
@@ -175,6 +179,15 @@ class Stream:
         if drop > 0:
             self._buffer = self._buffer[drop:]
             self._buffer_start = keep_from
+
+    def _measure_age(self, now: float) -> float:
+        """Age of the audio just stepped: how far this stream lags behind its feed."""
+        needed = samples_needed(self.frames_stepped)
+        while len(self._feed_times) > 1 and self._feed_times[0][0] < needed:
+            self._feed_times.popleft()
+        if self._feed_times and self._feed_times[0][0] >= needed:
+            self.audio_age_s = max(0.0, now - self._feed_times[0][1])
+        return self.audio_age_s
 
     def _fed_position(self, timeline: int) -> int:
         """Map a timeline sample position to fed-audio samples (inserted silence removed)."""

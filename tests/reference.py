@@ -1,0 +1,55 @@
+"""NeMo's own streaming loop (`conformer_stream_step` over `CacheAwareStreamingAudioBuffer`),
+the yardstick for the engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nemo.collections.asr.parts.utils.streaming_utils import CacheAwareStreamingAudioBuffer
+
+from pipecat_nemotron.engine.features import HOP, samples_needed
+from pipecat_nemotron.engine.loader import chunk_spec
+
+
+def padded_for_finalize(model, audio: np.ndarray, chunk_ms: int) -> tuple[np.ndarray, int]:
+    """The audio the engine steps when a stream is finalized: silence up to a chunk boundary."""
+    spec = chunk_spec(model, chunk_ms)
+    frames = spec.chunk_boundary_at_or_after(-(-len(audio) // HOP))
+    pad = max(0, samples_needed(frames) - len(audio))
+    return np.concatenate([audio, np.zeros(pad, dtype=np.float32)]), frames
+
+
+@torch.inference_mode()
+def offline_mel(model, audio: np.ndarray) -> torch.Tensor:
+    signal = torch.from_numpy(audio)[None]
+    mel, _ = model.preprocessor(input_signal=signal, length=torch.tensor([signal.shape[1]]))
+    return mel
+
+
+@torch.inference_mode()
+def reference_tokens(model, audio: np.ndarray, *, language: str, chunk_ms: int,
+                     reset_at_frames: tuple[int, ...] = ()) -> list[list[int]]:
+    """Tokens per utterance from NeMo's reference loop on the engine's (padded) timeline.
+
+    `reset_at_frames`: mel frames where an utterance ended (decoder restarts there).
+    """
+    spec = chunk_spec(model, chunk_ms)
+    model.set_inference_prompt(language)
+    padded, frames = padded_for_finalize(model, audio, chunk_ms)
+    mel = offline_mel(model, padded)[:, :, :frames]
+    buffer = CacheAwareStreamingAudioBuffer(model=model)
+    buffer.append_processed_signal(mel)
+    channel, time_cache, channel_len = model.encoder.get_initial_cache_state(batch_size=1)
+    hyps, utterances, position = None, [], 0
+    for step, (chunk, lengths) in enumerate(buffer):
+        _, hyps, channel, time_cache, channel_len, _ = model.conformer_stream_step(
+            processed_signal=chunk, processed_signal_length=lengths, cache_last_channel=channel,
+            cache_last_time=time_cache, cache_last_channel_len=channel_len,
+            keep_all_outputs=buffer.is_buffer_empty(), previous_hypotheses=hyps,
+            drop_extra_pre_encoded=0 if step == 0 else spec.drop_extra_pre_encoded)
+        position += spec.first_chunk_frames if step == 0 else spec.chunk_frames
+        if position in reset_at_frames:
+            utterances.append([int(t) for t in hyps[0].y_sequence])
+            hyps = None
+    utterances.append([int(t) for t in hyps[0].y_sequence] if hyps else [])
+    return utterances
