@@ -40,7 +40,7 @@ log = logging.getLogger("demo_model")
 
 PEAK_LR = 1e-3
 WARMUP = 1500
-CTC_ONLY_STEPS = 1500
+CTC_ONLY_STEPS = 1200
 RNNT_RAMP = 500
 CTC_WEIGHT = 0.3  # after the CTC-only phase
 MAX_BATCH_S = 30.0
@@ -357,9 +357,9 @@ def train(out: Path, seed: int = 1234, minutes: float = 70.0, max_steps: int = 0
     result = {"stop": stop_reason, "step": step, "minutes": elapsed / 60, "epochs": epoch, "hist": hist,
               "val": v, "params": n_params(model), "feat_mean": fmean, "feat_std": fstd,
               "final_ctc": run_avg.get("ctc"), "final_rnnt": run_avg.get("rnnt")}
+    model.eval()
+    model.save_to(str(out / ("demo.nemo" if tag == "train" else f"{tag}.nemo")))
     if tag == "train":
-        model.eval()
-        model.save_to(str(out / "demo.nemo"))
         (out / "train_result.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
         log.info("saved %s (%.2f MB)", out / "demo.nemo", (out / "demo.nemo").stat().st_size / 1e6)
     return result
@@ -392,7 +392,7 @@ def overfit(out: Path, seed: int = 1234) -> dict:
     res = train(out, seed=seed, max_steps=int(os.environ.get("OVERFIT_STEPS", "500")), subset=48, tag="overfit",
                 aug=False, warmup=100, ctc_only_steps=200, rnnt_ramp=100, peak_lr=1e-3, check_every=100,
                 val_every=250)
-    ok = (res.get("final_rnnt") or 99) < 3.0
+    ok = (res.get("final_ctc") or 99) < 4.0 and (res.get("final_rnnt") or 99) < 8.0  # text-only floor ~11
     log.info("overfit: final ctc %.2f rnnt %.2f nats/utt -> %s", res.get("final_ctc") or -1,
              res.get("final_rnnt") or -1, "OK" if ok else "NOT LEARNING")
     (out / "overfit_result.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
