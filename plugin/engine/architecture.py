@@ -63,18 +63,16 @@ def write_sentencepiece_tokenizer(directory: str | Path, *, texts: list[str], vo
     return directory
 
 
-def write_wordpiece_vocab(directory: str | Path, *, vocab_size: int, tags: list[str]) -> Path:
-    """A word-piece vocabulary of an exact size (the real model has 13,087 tokens).
+def write_sized_tokenizer(directory: str | Path, *, vocab_size: int, tags: list[str]) -> Path:
+    """A SentencePiece tokenizer of an exact size (the real model has 13,087 tokens).
 
-    Training SentencePiece to 13k pieces needs a large corpus; for random-weight
-    benchmarks only the size matters, so a synthetic `vocab.txt` is enough.
+    For random-weight benchmarks only the size matters: placeholder symbols fill the
+    vocabulary so no large corpus is needed.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    words = [f"w{i:05d}" for i in range(vocab_size - len(special) - len(tags))]
-    (directory / "vocab.txt").write_text("\n".join(special + tags + words) + "\n", encoding="utf-8")
-    return directory
+    learned = 100
+    placeholders = [f"<w{i:05d}>" for i in range(vocab_size - learned - len(tags))]
+    texts = [f"the quick brown fox jumps over the lazy dog {i}" for i in range(200)]
+    return write_sentencepiece_tokenizer(directory, texts=texts, vocab_size=vocab_size, tags=tags + placeholders)
 
 
 def prompt_rnnt_config(geometry: Geometry, *, tokenizer_dir: str | Path, tokenizer_type: str = "bpe",

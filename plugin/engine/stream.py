@@ -80,6 +80,7 @@ class Stream:
         self.hypothesis = None
         self._finalize_queue: deque[_FinalizeRequest] = deque()
         self._utterance_start_fed = 0
+        self._finalized_fed = 0  # fed samples at the latest finalize() call
         self._last_text: str | None = None
         self._last_detected: str | None = None
         self.last_step_at = 0.0
@@ -118,15 +119,18 @@ class Stream:
                 self.total_samples += padding
                 self._feed_times.append((self.total_samples, time.monotonic()))
             self._finalize_queue.append(_FinalizeRequest(frame_end, self.fed_samples, time.monotonic()))
+            self._finalized_fed = self.fed_samples
         self._engine._wake()
 
     def set_language(self, language: str) -> None:
         """Change the language prompt ('auto' or a locale); it applies from the next utterance."""
         index = self._engine._prompt_index_for(language)
         with self._engine._lock:
-            if self.hypothesis is None and not self._finalize_queue and self.total_samples == self.frames_stepped * HOP:
+            utterance_started = self.fed_samples > self._finalized_fed
+            if not utterance_started and not self._finalize_queue:
                 self.language, self._prompt_index = language, index
-            else:
+                self._pending_language = None
+            else:  # applied when the current utterance's Final is out
                 self._pending_language = (language, index)
 
     def close(self) -> None:
