@@ -167,12 +167,16 @@ def att_context_for_chunk(model, chunk_ms: int) -> list[int]:
     right = CHUNK_MS_TO_RIGHT_CONTEXT[chunk_ms]
     trained = [list(map(int, a)) for a in model.encoder.att_context_size_all]
     matches = [a for a in trained if a[1] == right]
-    if not matches:
-        offered = sorted({_chunk_ms_of(a[1]) for a in trained if a[1] in CHUNK_MS_TO_RIGHT_CONTEXT.values()})
-        raise UnsupportedChunkSizeError(
-            f"chunk_ms={chunk_ms} (att_context_size [.., {right}]) was not trained for this model; "
-            f"it was trained for {offered} ms (att_context_size {trained}).")
-    return matches[0]
+    if matches:
+        return matches[0]
+    # NeMo runs any right context on a multi-lookahead model; accuracy is unmeasured for
+    # untrained ones (the published nemotron-3.5 config lists [56,3], [56,0], [56,6], [56,13]).
+    offered = sorted({_chunk_ms_of(a[1]) for a in trained if a[1] in CHUNK_MS_TO_RIGHT_CONTEXT.values()})
+    left = max(a[0] for a in trained)
+    logger.warning("chunk_ms=%d (att_context_size [%d, %d]) was not trained for this model, which was trained for "
+                   "%s ms (att_context_size %s): accuracy is unknown; prefer a trained chunk size.",
+                   chunk_ms, left, right, offered, trained)
+    return [left, right]
 
 
 def _chunk_ms_of(right: int) -> int:
