@@ -216,3 +216,16 @@ def test_language_tags_are_split_from_text():
     assert split_language_tags("Hola, buenos días. <es-ES> Yes. <en-US>") == ("Hola, buenos días. Yes.",
                                                                             ["es-ES", "en-US"])
     assert split_language_tags("no tag") == ("no tag", [])
+
+
+async def test_shared_engine_is_one_per_model_chunk_and_device(tiny_model):
+    first = Engine.shared(model=tiny_model, chunk_ms=160, device="cpu", max_streams=2)
+    try:
+        assert Engine.shared(model=tiny_model, chunk_ms=160, device="cpu") is first
+        other = Engine.shared(model=tiny_model, chunk_ms=560, device="cpu", max_streams=2)
+        assert other is not first
+        other.close()
+    finally:
+        first.close()
+    assert Engine.shared(model=tiny_model, chunk_ms=160, device="cpu", max_streams=1) is not first
+    Engine.shared(model=tiny_model, chunk_ms=160, device="cpu").close()
