@@ -229,3 +229,17 @@ async def test_shared_engine_is_one_per_model_chunk_and_device(tiny_model):
         first.close()
     assert Engine.shared(model=tiny_model, chunk_ms=160, device="cpu", max_streams=1) is not first
     Engine.shared(model=tiny_model, chunk_ms=160, device="cpu").close()
+
+
+async def test_unended_utterance_is_finalized_at_the_cap(tiny_model):
+    engine = Engine(model=tiny_model, chunk_ms=160, device="cpu", max_streams=1, max_utterance_s=1.0)
+    await engine.ready()
+    stream = engine.open_stream(language="en-US")
+    audio = speechlike(2.5, seed=51)
+    for piece in np.array_split(audio, 25):
+        stream.feed(piece)
+        await asyncio.sleep(0.03)
+    final = await asyncio.wait_for(next_final(stream), 10)
+    assert 1.0 < final.end_s <= 1.6 and final.text
+    stream.close()
+    engine.close()

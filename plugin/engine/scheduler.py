@@ -114,6 +114,7 @@ class Engine:
         max_streams: slots in the cache pool; `open_stream` beyond it raises `CapacityError`.
         max_batch: most streams in one step (default: all slots).
         max_backlog_s: most unprocessed audio per stream before `feed` raises `BacklogError`.
+        max_utterance_s: an utterance nobody finalizes is finalized at this length (bounds memory).
         strip_language_tags: remove `<xx-YY>` from text (the language is reported separately).
 
     The model loads on the engine's own thread; `await engine.ready()` (or
@@ -122,7 +123,8 @@ class Engine:
     """
 
     def __init__(self, *, model=DEFAULT_MODEL, chunk_ms: int = 160, device: str = "auto", max_streams: int = 64,
-                 max_batch: int | None = None, max_backlog_s: float = 30.0, strip_language_tags: bool = True):
+                 max_batch: int | None = None, max_backlog_s: float = 30.0, max_utterance_s: float = 60.0,
+                 strip_language_tags: bool = True):
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
         self.model_source = model
@@ -132,6 +134,7 @@ class Engine:
         self.max_streams = max_streams
         self.max_batch = max_batch or max_streams
         self.max_backlog_s = max_backlog_s
+        self.max_utterance_s = max_utterance_s
         self.strip_language_tags = strip_language_tags
         self.stats = EngineStats(chunk_ms=chunk_ms)
         self.model = None

@@ -109,18 +109,22 @@ class Stream:
         """End the current utterance: its `Final` comes once all fed audio is stepped."""
         with self._engine._lock:
             self._check_open()
-            spec = self._engine.spec
-            covered = -(-self.total_samples // HOP)  # frames whose centre lies in the audio so far
-            frame_end = spec.chunk_boundary_at_or_after(max(covered, self._last_queued_frame_end()))
-            padding = max(0, samples_needed(frame_end) - self.total_samples)
-            if padding:
-                self._chunks.append(np.zeros(padding, dtype=np.float32))
-                self._pads.append((self.total_samples, padding))
-                self.total_samples += padding
-                self._feed_times.append((self.total_samples, time.monotonic()))
-            self._finalize_queue.append(_FinalizeRequest(frame_end, self.fed_samples, time.monotonic()))
-            self._finalized_fed = self.fed_samples
+            self._queue_finalize()
         self._engine._wake()
+
+    def _queue_finalize(self) -> None:
+        """Pad to the next chunk boundary and mark it as the utterance's end (lock held)."""
+        spec = self._engine.spec
+        covered = -(-self.total_samples // HOP)  # frames whose centre lies in the audio so far
+        frame_end = spec.chunk_boundary_at_or_after(max(covered, self._last_queued_frame_end()))
+        padding = max(0, samples_needed(frame_end) - self.total_samples)
+        if padding:
+            self._chunks.append(np.zeros(padding, dtype=np.float32))
+            self._pads.append((self.total_samples, padding))
+            self.total_samples += padding
+            self._feed_times.append((self.total_samples, time.monotonic()))
+        self._finalize_queue.append(_FinalizeRequest(frame_end, self.fed_samples, time.monotonic()))
+        self._finalized_fed = self.fed_samples
 
     def set_language(self, language: str) -> None:
         """Change the language prompt ('auto' or a locale); it applies from the next utterance."""
@@ -216,7 +220,15 @@ class Stream:
             end = self._fed_position(self.frames_stepped * HOP) / SAMPLE_RATE
             results.append(Partial(text, language, start, max(start, end), tuple(token_ids)))
             self._last_text = text
+        self._cap_utterance()
         return results
+
+    def _cap_utterance(self) -> None:
+        """Finalize an utterance nobody ended (no VAD?) before its hypothesis grows without bound."""
+        limit = self._engine.max_utterance_s
+        if limit and not self._finalize_queue and \
+                self.fed_samples - self._utterance_start_fed > limit * SAMPLE_RATE:
+            self._queue_finalize()
 
     def _text_and_language(self, token_ids: list[int], text_of) -> tuple[str, str | None]:
         raw = text_of(token_ids) if token_ids else ""

@@ -1,0 +1,121 @@
+"""The bundled demo model through the engine and the service: real words, real languages.
+
+Held-out set: tests/data/demo_heldout (8 kHz μ-law WAVs of espeak-ng voices not used in training).
+Thresholds sit a little under what the engine measured (see plugin/models/DEMO_MODEL_CARD.md).
+"""
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soxr
+import torch
+
+from pipecat_nemotron.engine import Engine, Final
+from pipecat_nemotron.engine.loader import demo_model_path
+from pipecat_nemotron.wav import read_wav
+from reference import padded_for_finalize
+
+HELDOUT = Path(__file__).parent / "data" / "demo_heldout"
+LANGUAGES = ["en-US", "es-ES", "de-DE"]
+# measured with this engine at 160 ms on the shipped set -> asserted a little lower
+WER_GIVEN_MAX = {"en-US": None, "es-ES": None, "de-DE": None}
+WER_AUTO_MAX = {"en-US": None, "es-ES": None, "de-DE": None}
+TAG_ACCURACY_MIN = None
+
+
+def normalise(text: str) -> list[str]:
+    text = re.sub(r"\s*<[a-z]{2}-[A-Z]{2}>", " ", text).lower()
+    return re.sub(r"[¿?¡!.,;:]", " ", text).split()
+
+
+def word_errors(hypothesis: str, reference: str) -> tuple[int, int]:
+    hyp, ref = normalise(hypothesis), normalise(reference)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        previous, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (r != h))
+    return row[-1], len(ref)
+
+
+def heldout():
+    rows = [json.loads(line) for line in (HELDOUT / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    for row in rows:
+        wav = read_wav(HELDOUT / row["file"])
+        row["audio"] = soxr.resample(wav.samples.astype(np.float32) / 32768, wav.sample_rate, 16000).astype(np.float32)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return heldout()
+
+
+@pytest.fixture(scope="module")
+def demo_engine():
+    engine = Engine(model="demo", chunk_ms=160, device="cpu", max_streams=64)
+    engine.wait_ready()
+    yield engine
+    engine.close()
+
+
+async def transcribe_all(engine, rows, language_of):
+    async def one(row):
+        stream = engine.open_stream(language=language_of(row))
+        stream.feed(row["audio"])
+        stream.finalize()
+        async for result in stream:
+            if isinstance(result, Final):
+                stream.close()
+                return result
+
+    return await asyncio.gather(*(one(row) for row in rows))
+
+
+def test_demo_model_ships_within_size():
+    assert demo_model_path().is_file()
+    assert demo_model_path().stat().st_size <= 10 * 1024 * 1024
+
+
+async def test_wer_with_language_given(demo_engine, rows):
+    finals = await transcribe_all(demo_engine, rows, lambda row: row["lang"])
+    for language in LANGUAGES:
+        errors = [word_errors(f.text, r["text"]) for f, r in zip(finals, rows) if r["lang"] == language]
+        wer = sum(e for e, _ in errors) / sum(n for _, n in errors)
+        print(f"{language} WER given {wer:.3f}")
+        assert wer <= WER_GIVEN_MAX[language], (language, wer)
+
+
+async def test_wer_and_language_tag_in_auto_mode(demo_engine, rows):
+    finals = await transcribe_all(demo_engine, rows, lambda row: "auto")
+    for language in LANGUAGES:
+        picked = [(f, r) for f, r in zip(finals, rows) if r["lang"] == language]
+        errors = [word_errors(f.text, r["text"]) for f, r in picked]
+        wer = sum(e for e, _ in errors) / sum(n for _, n in errors)
+        tag_accuracy = np.mean([f.language == language for f, _ in picked])
+        print(f"{language} WER auto {wer:.3f}, tag accuracy {tag_accuracy:.3f}")
+        assert wer <= WER_AUTO_MAX[language], (language, wer)
+        assert tag_accuracy >= TAG_ACCURACY_MIN, (language, tag_accuracy)
+
+
+async def test_streaming_text_equals_offline(demo_engine, rows):
+    model = demo_engine.model
+    sample = [r for r in rows][::6]
+    finals = await transcribe_all(demo_engine, sample, lambda row: row["lang"])
+    for final, row in zip(finals, sample):
+        padded, frames = padded_for_finalize(model, row["audio"], 160)
+        with torch.inference_mode():
+            signal = torch.from_numpy(padded)[None]
+            mel, _ = model.preprocessor(input_signal=signal, length=torch.tensor([signal.shape[1]]))
+            mel = mel[:, :, :frames]
+            encoded, lengths = model.encoder(audio_signal=mel, length=torch.tensor([frames]))
+            model.set_inference_prompt(row["lang"])
+            encoded = model._apply_prompt_to_encoded(encoded)
+            hypothesis = model.decoding.rnnt_decoder_predictions_tensor(
+                encoder_output=encoded, encoded_lengths=lengths, return_hypotheses=True)[0]
+        offline = model.tokenizer.ids_to_text([int(t) for t in hypothesis.y_sequence])
+        assert final.text == " ".join(re.sub(r"\s*<[a-z]{2}-[A-Z]{2}>", "", offline).split())
