@@ -3,6 +3,10 @@
 # would pull a multi-GB CUDA build), then the project with its test extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# system packages the tests drive as real peers (SIP phones, a browser); each script is idempotent
+for script in scripts/setup-system.sh scripts/setup-browser.sh; do
+  if [ -x "$script" ]; then "$script"; fi
+done
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/pip install -q -U pip setuptools wheel
