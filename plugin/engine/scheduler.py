@@ -324,11 +324,10 @@ class Engine:
 
     def _execute(self, jobs: list[_Job]) -> None:
         steppers = [job for job in jobs if job.step]
-        outputs: dict[int, list[int]] = {}
         if steppers:
             started = time.perf_counter()
             try:
-                outputs = self._step(steppers)
+                self._step(steppers)
             except Exception as exc:  # isolate: only these streams fail, the engine goes on
                 logger.exception("model step failed for %d streams", len(steppers))
                 error = EngineStepError(f"model step failed: {type(exc).__name__}: {exc}")
@@ -359,7 +358,8 @@ class Engine:
         self._check_lag(jobs)
 
     @torch.inference_mode()
-    def _step(self, jobs: list[_Job]) -> dict:
+    def _step(self, jobs: list[_Job]) -> None:
+        """One batched model step; each job's stream gets its continued hypothesis."""
         spec = self.spec
         model = self.model
         first_jobs = [j for j in jobs if j.first]
@@ -370,33 +370,37 @@ class Engine:
         with self._step_lock:
             if list(model.encoder.att_context_size) != list(spec.att_context_size):
                 chunk_spec(model, self.chunk_ms)
-            pieces, new_mel_cache = [], []
-            for group, is_first in ((first_jobs, True), (later_jobs, False)):
-                if not group:
-                    continue
-                mel = self._mel([j.window for j in group], [j.offset for j in group], group[0].frames)
-                rows = slice(0, len(first_jobs)) if is_first else slice(len(first_jobs), len(ordered))
-                history = torch.cat([mel_cache[rows], mel], dim=2)
-                new_mel_cache.append(history[:, :, -spec.pre_encode_cache_frames:])
-                inputs = mel if is_first else history
-                lengths = torch.full((len(group),), inputs.shape[2], dtype=torch.int64, device=self.device)
-                drop = 0 if is_first else spec.drop_extra_pre_encoded
-                pieces.append(nemo_compat.pre_encode(model.encoder, inputs, lengths, drop))
-            sizes = {p[0].shape[1] for p in pieces}
-            if len(sizes) != 1:
-                raise RuntimeError(f"first and later steps subsample to different lengths {sizes}")
-            x = torch.cat([p[0] for p in pieces])
-            x_len = torch.cat([p[1] for p in pieces])
+            x, x_len, new_mel_cache = self._subsample(first_jobs, later_jobs, mel_cache)
             encoded, encoded_len, channel, time_cache, channel_len = nemo_compat.encode_pre_encoded(
                 model.encoder, x, x_len, channel, time_cache, channel_len)
             prompts = torch.tensor([j.prompt_index for j in ordered], dtype=torch.long, device=self.device)
             encoded = nemo_compat.apply_prompts(model, encoded, prompts)
             hypotheses = nemo_compat.decode_step(model, encoded, encoded_len,
                                                  [j.stream.hypothesis for j in ordered])
-        self._pool.scatter(index, channel, time_cache, channel_len, torch.cat(new_mel_cache))
+        self._pool.scatter(index, channel, time_cache, channel_len, new_mel_cache)
         for job, hypothesis in zip(ordered, hypotheses):
             job.stream.hypothesis = hypothesis
-        return {}
+
+    def _subsample(self, first_jobs: list[_Job], later_jobs: list[_Job], mel_cache: torch.Tensor):
+        """Mel and subsampling per group: first steps drop nothing, later steps prepend the
+        pre-encode cache and drop its outputs. Both give `valid_out_len` frames per stream."""
+        spec = self.spec
+        pieces, new_mel_cache = [], []
+        offset = 0
+        for group, is_first in ((first_jobs, True), (later_jobs, False)):
+            if not group:
+                continue
+            mel = self._mel([j.window for j in group], [j.offset for j in group], group[0].frames)
+            history = torch.cat([mel_cache[offset:offset + len(group)], mel], dim=2)
+            offset += len(group)
+            new_mel_cache.append(history[:, :, -spec.pre_encode_cache_frames:])
+            inputs = mel if is_first else history
+            lengths = torch.full((len(group),), inputs.shape[2], dtype=torch.int64, device=self.device)
+            drop = 0 if is_first else spec.drop_extra_pre_encoded
+            pieces.append(nemo_compat.pre_encode(self.model.encoder, inputs, lengths, drop))
+        if len({piece[0].shape[1] for piece in pieces}) != 1:
+            raise RuntimeError(f"first and later steps subsample to different lengths: {[p[0].shape for p in pieces]}")
+        return (torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]), torch.cat(new_mel_cache))
 
     def _account(self, batch: int, seconds: float) -> None:
         stats = self.stats
