@@ -1,0 +1,309 @@
+"""RTP media for one call (RFC 3550): G.711 in and out, reordering, RFC 4733 DTMF, symmetric RTP.
+
+The wire format is aiortc's :class:`aiortc.rtp.RtpPacket` (padding, CSRC and header extensions handled
+there). aiortc's own ``JitterBuffer`` assembles video frames and waits for a lost packet until its
+capacity overflows, so audio goes through :class:`ReorderBuffer` instead: packets come out in sequence
+order at once when they arrive in order, a missing one is given up (and concealed with silence) when
+``depth`` later packets are waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import warnings
+from collections import deque
+from dataclasses import dataclass
+
+from aiortc.rtp import RtpPacket
+from loguru import logger
+
+from .sdp import Negotiated
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop  # stdlib until 3.12; the `audioop-lts` package provides it on 3.13+
+
+SAMPLE_RATE = 8000
+PTIME_S = 0.020
+SAMPLES_PER_PACKET = 160
+BYTES_PER_PACKET = SAMPLES_PER_PACKET * 2  # PCM16
+MAX_CONCEALED_PACKETS = 5
+DTMF_EVENTS = "0123456789*#ABCD"
+RTCP_PAYLOAD_TYPES = range(72, 77)  # RTCP packet types 200-204 with the marker bit masked off
+CN_PAYLOAD_TYPE = 13
+
+
+def g711_decode(payload: bytes, codec: str) -> bytes:
+    """G.711 bytes → 16-bit little-endian PCM."""
+    if codec == "PCMU":
+        return audioop.ulaw2lin(payload, 2)
+    if codec == "PCMA":
+        return audioop.alaw2lin(payload, 2)
+    raise ValueError(f"unsupported codec {codec}")
+
+
+def g711_encode(pcm: bytes, codec: str) -> bytes:
+    """16-bit little-endian PCM → G.711 bytes."""
+    if codec == "PCMU":
+        return audioop.lin2ulaw(pcm, 2)
+    if codec == "PCMA":
+        return audioop.lin2alaw(pcm, 2)
+    raise ValueError(f"unsupported codec {codec}")
+
+
+class ReorderBuffer:
+    """Puts RTP packets back in sequence order; a gap is given up once ``depth`` packets wait behind it.
+
+    ``push`` returns the packets now in order, with ``None`` for each lost packet given up (at most
+    ``MAX_CONCEALED_PACKETS`` per gap). Late and duplicate packets are dropped; sequence wrap is handled.
+    """
+
+    def __init__(self, *, depth: int = 4):
+        self.depth = depth
+        self._next: int | None = None
+        self._pending: dict[int, RtpPacket] = {}
+        self.lost = 0
+        self.late = 0
+
+    def reset(self) -> None:
+        """Forget the sequence (a new SSRC)."""
+        self._next = None
+        self._pending.clear()
+
+    def push(self, packet: RtpPacket) -> list[RtpPacket | None]:
+        seq = packet.sequence_number
+        if self._next is None:
+            self._next = seq
+        ahead = (seq - self._next) & 0xFFFF
+        if ahead >= 0x8000 or seq in self._pending:
+            self.late += 1
+            return []
+        if ahead > 3000:  # a jump (sender restarted its sequence): resynchronise
+            self._pending.clear()
+            self._next = seq
+        self._pending[seq] = packet
+        return self._drain()
+
+    def _drain(self) -> list[RtpPacket | None]:
+        out: list[RtpPacket | None] = []
+        while self._pending:
+            if self._next in self._pending:
+                out.append(self._pending.pop(self._next))
+                self._next = (self._next + 1) & 0xFFFF
+            elif len(self._pending) > self.depth:
+                nearest = min(self._pending, key=lambda s: (s - self._next) & 0xFFFF)
+                gap = (nearest - self._next) & 0xFFFF
+                self.lost += gap
+                out.extend([None] * min(gap, MAX_CONCEALED_PACKETS))
+                self._next = nearest
+            else:
+                break
+        return out
+
+
+class DTMFDecoder:
+    """RFC 4733 telephone-events → digits, one per event.
+
+    A digit is reported at its end packet; the end packet is sent three times with the same timestamp, so
+    events are de-duplicated on the RTP timestamp. An event whose end packets were all lost is reported
+    when the next event starts.
+    """
+
+    def __init__(self):
+        self._reported: deque[int] = deque(maxlen=8)
+        self._pending: tuple[int, int] | None = None  # (timestamp, event) seen without its end yet
+
+    def reset(self) -> None:
+        self._reported.clear()
+        self._pending = None
+
+    def feed(self, payload: bytes, timestamp: int) -> list[str]:
+        """Digits completed by this packet (usually none or one)."""
+        if len(payload) < 4:
+            return []
+        event, end = payload[0], bool(payload[1] & 0x80)
+        digits = []
+        if self._pending and self._pending[0] != timestamp:
+            digits += self._report(*self._pending)
+        self._pending = None
+        if end:
+            digits += self._report(timestamp, event)
+        elif timestamp not in self._reported:
+            self._pending = (timestamp, event)
+        return digits
+
+    def _report(self, timestamp: int, event: int) -> list[str]:
+        if timestamp in self._reported or event >= len(DTMF_EVENTS):
+            return []
+        self._reported.append(timestamp)
+        return [DTMF_EVENTS[event]]
+
+
+@dataclass
+class RtpStats:
+    """Counters for the call log line."""
+
+    packets_in: int = 0
+    packets_out: int = 0
+    ignored: int = 0  # from a source other than the latched one, or not RTP for us
+    dtmf_digits: str = ""
+
+
+class RtpSession(asyncio.DatagramProtocol):
+    """RTP for one call over UDP: decoded audio and DTMF in ``events``, continuous 20 ms packets out.
+
+    ``events`` yields ``("audio", pcm16_8k_bytes)`` and ``("dtmf", digit)``. Symmetric RTP (RFC 4961):
+    the first packet of a negotiated payload type from a real source latches the peer's address; packets
+    from any other address are ignored and our packets go to the latched address (to the SDP address
+    until then). While the call is up a packet leaves every 20 ms, silence when nothing was written.
+    """
+
+    def __init__(self, *, jitter_depth: int = 4, queue_size: int = 1000):
+        self.negotiated: Negotiated | None = None
+        self.latched: tuple[str, int] | None = None
+        self.stats = RtpStats()
+        self.events: asyncio.Queue[tuple[str, bytes | str]] = asyncio.Queue(maxsize=queue_size)
+        self._reorder = ReorderBuffer(depth=jitter_depth)
+        self._dtmf = DTMFDecoder()
+        self._remote_ssrc: int | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+        self._out = bytearray()
+        self._sender: asyncio.Task | None = None
+        self._ssrc = random.getrandbits(32)
+        self._seq = random.getrandbits(16)
+        self._timestamp = random.getrandbits(32)
+        self._first = True
+        self.local_address: tuple[str, int] | None = None
+
+    async def open(self, *, host: str, port: int = 0) -> tuple[str, int]:
+        """Bind the UDP socket; returns the local (host, port)."""
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
+        self.local_address = self._transport.get_extra_info("sockname")[:2]
+        return self.local_address
+
+    def configure(self, negotiated: Negotiated) -> None:
+        """Apply (or re-apply, after a re-INVITE) the negotiated codec, payload types and direction."""
+        self.negotiated = negotiated
+
+    def start(self) -> None:
+        """Start the continuous 20 ms sender."""
+        if self._sender is None:
+            self._sender = asyncio.get_running_loop().create_task(self._send_loop())
+
+    def close(self) -> None:
+        """Stop sending and close the socket."""
+        if self._sender is not None:
+            self._sender.cancel()
+            self._sender = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    # --- outgoing -----------------------------------------------------------------------------
+
+    def write(self, pcm: bytes) -> None:
+        """Queue 8 kHz PCM16 for sending."""
+        self._out += pcm
+
+    def clear_output(self) -> None:
+        """Drop queued audio (the bot was interrupted)."""
+        self._out.clear()
+
+    @property
+    def buffered_seconds(self) -> float:
+        return len(self._out) / 2 / SAMPLE_RATE
+
+    async def drain(self, *, timeout: float = 30.0) -> None:
+        """Wait until the queued audio has been sent (or the session stopped)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._out and self._sender is not None and loop.time() < deadline:
+            await asyncio.sleep(PTIME_S)
+
+    def _destination(self) -> tuple[str, int] | None:
+        n = self.negotiated
+        if n is None or not n.we_send or n.remote_host in ("0.0.0.0", "::"):
+            return None
+        return self.latched or n.remote
+
+    def _next_payload(self) -> bytes:
+        chunk = bytes(self._out[:BYTES_PER_PACKET])
+        del self._out[:BYTES_PER_PACKET]
+        if len(chunk) < BYTES_PER_PACKET:
+            chunk += bytes(BYTES_PER_PACKET - len(chunk))
+        return g711_encode(chunk, self.negotiated.codec)
+
+    def send_packet(self) -> None:
+        """Send one 20 ms packet now (queued audio or silence)."""
+        destination = self._destination()
+        if destination is None or self._transport is None:
+            del self._out[:BYTES_PER_PACKET]
+            return
+        packet = RtpPacket(payload_type=self.negotiated.payload_type, marker=int(self._first),
+                           sequence_number=self._seq, timestamp=self._timestamp, ssrc=self._ssrc,
+                           payload=self._next_payload())
+        self._transport.sendto(packet.serialize(), destination)
+        self._first = False
+        self._seq = (self._seq + 1) & 0xFFFF
+        self._timestamp = (self._timestamp + SAMPLES_PER_PACKET) & 0xFFFFFFFF
+        self.stats.packets_out += 1
+
+    async def _send_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_time = loop.time()
+        while True:
+            self.send_packet()
+            next_time += PTIME_S
+            delay = next_time - loop.time()
+            if delay < -0.2:  # the loop stalled: skip ahead instead of bursting
+                next_time = loop.time()
+                delay = 0
+            await asyncio.sleep(max(0.0, delay))
+
+    # --- incoming -----------------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        try:
+            self._receive(data, (addr[0], addr[1]))
+        except Exception:  # never let one odd packet break the call
+            logger.exception(f"RTP packet from {addr} dropped")
+            self.stats.ignored += 1
+
+    def _accept(self, packet: RtpPacket, addr: tuple[str, int]) -> bool:
+        n = self.negotiated
+        wanted = n is not None and packet.payload_type in (n.payload_type, n.dtmf_payload_type, CN_PAYLOAD_TYPE)
+        if not wanted or addr[1] == 0:
+            return False
+        if self.latched is None:
+            self.latched = addr
+            logger.debug(f"RTP latched to {addr[0]}:{addr[1]}")
+        return addr == self.latched
+
+    def _receive(self, data: bytes, addr: tuple[str, int]) -> None:
+        if len(data) < 12 or data[0] >> 6 != 2 or (data[1] & 0x7F) in RTCP_PAYLOAD_TYPES:
+            self.stats.ignored += 1
+            return
+        packet = RtpPacket.parse(data)
+        if not self._accept(packet, addr):
+            self.stats.ignored += 1
+            return
+        self.stats.packets_in += 1
+        if packet.ssrc != self._remote_ssrc:
+            self._remote_ssrc = packet.ssrc
+            self._reorder.reset()
+            self._dtmf.reset()
+        if packet.payload_type == self.negotiated.dtmf_payload_type:
+            for digit in self._dtmf.feed(packet.payload, packet.timestamp):
+                self.stats.dtmf_digits += digit
+                self._emit("dtmf", digit)
+        elif packet.payload_type != CN_PAYLOAD_TYPE:
+            for ready in self._reorder.push(packet):
+                pcm = bytes(BYTES_PER_PACKET) if ready is None else g711_decode(ready.payload, self.negotiated.codec)
+                self._emit("audio", pcm)
+
+    def _emit(self, kind: str, value: bytes | str) -> None:
+        if self.events.full():
+            self.events.get_nowait()  # nobody is reading: keep the newest
+        self.events.put_nowait((kind, value))

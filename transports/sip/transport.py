@@ -1,0 +1,252 @@
+"""Pipecat transport for SIP calls: one :class:`SIPCallTransport` per call, and :class:`SIPServer`.
+
+``SIPServer(on_call=...)`` answers calls; for each accepted call it awaits ``on_call(call)``, in which the
+application builds and runs an ordinary pipeline around ``SIPCallTransport(call=call)``::
+
+    async def on_call(call):
+        transport = SIPCallTransport(call=call)
+        pipeline = Pipeline([transport.input(), stt, ..., transport.output()])
+        ...  # run it; it ends when the caller hangs up, or hangs up when the bot pushes EndFrame
+
+Input: G.711 decoded to 8 kHz PCM16 → ``InputAudioRawFrame``; RFC 4733 (and SIP INFO) digits →
+``InputDTMFFrame``. Output: the bot's audio (resampled to 8 kHz by the base class) → RTP, paced in real
+time. An ``EndFrame`` reaching the output hangs up (BYE) after the queued audio was sent; a BYE from the
+caller ends the pipeline gracefully (``EndWorkerFrame``). Transports never import the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from loguru import logger
+from pipecat.audio.dtmf.types import KeypadEntry
+from pipecat.audio.utils import create_stream_resampler
+from pipecat.frames.frames import (CancelFrame, EndFrame, EndWorkerFrame, InputAudioRawFrame, InputDTMFFrame,
+                                   InterruptionFrame, OutputAudioRawFrame, StartFrame)
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.transports.base_input import BaseInputTransport
+from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.transports.base_transport import BaseTransport, TransportParams
+
+from .rtp import SAMPLE_RATE
+from .uas import OnCall, SIPCall, SIPConfig, SIPUserAgentServer
+
+OUTPUT_AHEAD_SECS = 0.1  # how much bot audio may wait in the RTP queue (keeps interruptions quick)
+
+
+def default_params() -> TransportParams:
+    """8 kHz mono in and out, as G.711 carries it."""
+    return TransportParams(audio_in_enabled=True, audio_out_enabled=True, audio_in_sample_rate=SAMPLE_RATE,
+                           audio_out_sample_rate=SAMPLE_RATE, audio_in_channels=1, audio_out_channels=1)
+
+
+class SIPInputTransport(BaseInputTransport):
+    """Pushes the caller's audio (``InputAudioRawFrame``) and keypresses (``InputDTMFFrame``) downstream."""
+
+    def __init__(self, *, transport: SIPCallTransport, params: TransportParams, **kwargs):
+        super().__init__(params, **kwargs)
+        self._transport = transport
+        self._call = transport.call
+        self._reader: asyncio.Task | None = None
+        self._resampler = create_stream_resampler()
+
+    async def start(self, frame: StartFrame):
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+        if self._reader is None:
+            self._reader = self.create_task(self._read_call())
+        await self._transport._call_started()
+
+    async def stop(self, frame: EndFrame):
+        await super().stop(frame)
+        await self._stop_reader()
+
+    async def cancel(self, frame: CancelFrame):
+        await super().cancel(frame)
+        await self._stop_reader()
+
+    async def _stop_reader(self):
+        if self._reader is not None:
+            await self.cancel_task(self._reader)
+            self._reader = None
+
+    async def _read_call(self):
+        events = self._call.rtp.events
+        while True:
+            kind, value = await events.get()
+            if kind == "audio":
+                audio = value
+                if self.sample_rate != SAMPLE_RATE:
+                    audio = await self._resampler.resample(audio, SAMPLE_RATE, self.sample_rate)
+                await self.push_audio_frame(InputAudioRawFrame(audio=audio, sample_rate=self.sample_rate,
+                                                               num_channels=1))
+            elif kind == "dtmf":
+                await self._push_dtmf(value)
+            elif kind == "end":
+                await self._end_pipeline()
+                return
+
+    async def _push_dtmf(self, digit: str):
+        try:
+            button = KeypadEntry(digit)
+        except ValueError:
+            logger.debug(f"{self}: DTMF {digit!r} has no keypad entry")
+            return
+        await self.push_frame(InputDTMFFrame(button=button))
+
+    async def _end_pipeline(self):
+        """The caller hung up: let queued audio through, then end the pipeline gracefully."""
+        queue = getattr(self, "_audio_in_queue", None)
+        if queue is not None:
+            try:
+                await asyncio.wait_for(queue.join(), 2.0)
+            except asyncio.TimeoutError:
+                pass
+        if self._transport.end_on_hangup:
+            await self.push_frame(EndWorkerFrame(reason=f"call ended: {self._call.outcome}"))
+
+
+class SIPOutputTransport(BaseOutputTransport):
+    """Sends the bot's audio to the caller as RTP; ``EndFrame`` hangs up once the audio has gone out."""
+
+    def __init__(self, *, transport: SIPCallTransport, params: TransportParams, **kwargs):
+        super().__init__(params, **kwargs)
+        self._transport = transport
+        self._call = transport.call
+        self._resampler = create_stream_resampler()
+
+    async def start(self, frame: StartFrame):
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def stop(self, frame: EndFrame):
+        await super().stop(frame)
+        await self._call.rtp.drain(timeout=10.0)
+        await self._call.hangup("bot hung up")
+
+    async def cancel(self, frame: CancelFrame):
+        await super().cancel(frame)
+        await self._call.hangup("pipeline cancelled")
+
+    async def process_frame(self, frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, InterruptionFrame):
+            self._call.rtp.clear_output()
+
+    async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        if not self._call.active:
+            return False
+        audio = frame.audio
+        if frame.sample_rate != SAMPLE_RATE:
+            audio = await self._resampler.resample(audio, frame.sample_rate, SAMPLE_RATE)
+        if frame.num_channels != 1:
+            audio = _first_channel(audio, frame.num_channels)
+        self._call.rtp.write(audio)
+        while self._call.active and self._call.rtp.buffered_seconds > OUTPUT_AHEAD_SECS:
+            await asyncio.sleep(0.01)
+        return True
+
+
+def _first_channel(audio: bytes, channels: int) -> bytes:
+    import numpy as np
+
+    return np.frombuffer(audio, dtype="<i2").reshape(-1, channels)[:, 0].tobytes()
+
+
+class SIPCallTransport(BaseTransport):
+    """The Pipecat transport of one SIP call: ``input()`` and ``output()`` processors.
+
+    Events: ``on_call_started(transport, call)`` when the pipeline starts, ``on_call_ended(transport, call)``
+    when the call ends (either side). ``call.identity`` has the caller's From URI, display name, Call-ID
+    and remote address.
+
+    Parameters:
+        call: The answered call (from ``SIPServer``'s ``on_call``).
+        params: Transport parameters; by default 8 kHz mono in and out.
+        end_on_hangup: End the pipeline (``EndWorkerFrame``) when the caller hangs up.
+    """
+
+    def __init__(self, *, call: SIPCall, params: TransportParams | None = None, end_on_hangup: bool = True,
+                 name: str | None = None):
+        super().__init__(name=name)
+        self.call = call
+        self.end_on_hangup = end_on_hangup
+        self._params = params or default_params()
+        self._input: SIPInputTransport | None = None
+        self._output: SIPOutputTransport | None = None
+        self._started = False
+        self._register_event_handler("on_call_started")
+        self._register_event_handler("on_call_ended")
+        call.add_ended_callback(self._call_ended)
+
+    def input(self) -> SIPInputTransport:
+        if self._input is None:
+            self._input = SIPInputTransport(transport=self, params=self._params, name=self._input_name)
+        return self._input
+
+    def output(self) -> SIPOutputTransport:
+        if self._output is None:
+            self._output = SIPOutputTransport(transport=self, params=self._params, name=self._output_name)
+        return self._output
+
+    async def hangup(self) -> None:
+        """Hang up now (BYE), without waiting for queued audio."""
+        await self.call.hangup("bot hung up")
+
+    async def _call_started(self):
+        if not self._started:
+            self._started = True
+            await self._call_event_handler("on_call_started", self.call)
+
+    async def _call_ended(self, call: SIPCall):
+        events = call.rtp.events
+        if events.full():
+            events.get_nowait()
+        events.put_nowait(("end", ""))
+        await self._call_event_handler("on_call_ended", call)
+
+
+class SIPServer:
+    """Answers SIP calls over UDP and runs ``on_call(call)`` for each accepted one.
+
+    Parameters:
+        on_call: ``async def on_call(call: SIPCall)``; build and run the call's pipeline here. When it
+            returns, the call is hung up if it is still up.
+        host, port: Where to listen (port 0: a free port, see ``port`` after ``start()``).
+        max_calls: Concurrent calls; beyond it INVITEs get 503 before ``on_call`` runs.
+        allowed_peers: Addresses or networks allowed to call (403 otherwise); empty allows all.
+        max_call_secs: Hang up calls after this long (None: no limit).
+        config: A full :class:`SIPConfig` instead of the keyword arguments above.
+    """
+
+    def __init__(self, *, on_call: OnCall, host: str = "0.0.0.0", port: int = 5060, max_calls: int = 16,
+                 allowed_peers: tuple[str, ...] | list[str] = (), max_call_secs: float | None = 4 * 3600,
+                 config: SIPConfig | None = None):
+        self.config = config or SIPConfig(host=host, port=port, max_calls=max_calls,
+                                          allowed_peers=tuple(allowed_peers), max_call_secs=max_call_secs)
+        self.uas = SIPUserAgentServer(config=self.config, on_call=on_call)
+
+    async def start(self) -> tuple[str, int]:
+        """Start listening; returns the bound (host, port)."""
+        return await self.uas.start()
+
+    @property
+    def port(self) -> int:
+        return self.uas.port
+
+    @property
+    def calls(self) -> dict[str, SIPCall]:
+        return self.uas.calls
+
+    async def serve_forever(self) -> None:
+        """Start (if needed) and run until cancelled; hangs up every call on the way out."""
+        if self.uas.address is None:
+            await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Hang up every call and stop listening."""
+        await self.uas.stop()
