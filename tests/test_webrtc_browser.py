@@ -1,0 +1,332 @@
+"""A real headless Chromium talks to `serve-webrtc` over WebRTC (Opus, data channel) on loopback.
+
+Chromium plays a WAV as its fake microphone; the test clicks the page's mic button through the Chrome
+DevTools Protocol, then checks (1) the server-side transcripts equal the engine's own on exactly the audio
+the service fed it (Opus changes the samples, so the comparison replays what the server received), and
+(2) the page shows every final with its language. With the bundled demo model (when built) the words and
+the language must be right.
+
+Chromium: Debian's `chromium` (`scripts/setup-browser.sh`). Missing -> the test fails and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pipecat.transcriptions.language import Language
+
+from pipecat_nemotron.engine import Engine, Final
+from pipecat_nemotron.webrtc_server import WebRTCServer, allow_loopback_ice_candidates
+from tiny import speechlike
+
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+HELDOUT = Path(__file__).parent / "data" / "demo_heldout"
+DEMO_MODEL = Path(__file__).parent.parent / "plugin" / "models" / "demo.nemo"
+
+
+def require_chromium() -> str:
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        pytest.fail(f"Chromium not found ({CHROMIUM}): run scripts/setup-browser.sh (apt-get install chromium); "
+                    "CI installs it through scripts/setup.sh", pytrace=False)
+    return CHROMIUM
+
+
+# ---- helpers: audio, server, browser, CDP ---------------------------------------------------------------
+def write_wav(path: Path, audio: np.ndarray, rate: int) -> Path:
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Recorder:
+    """Wraps the engine's streams: records every feed and finalize the service makes, in order."""
+
+    def __init__(self, engine: Engine):
+        self.events: list = []
+        original = engine.open_stream
+
+        def open_stream(**kwargs):
+            stream = original(**kwargs)
+            self.language = kwargs.get("language", "auto")
+            feed, finalize = stream.feed, stream.finalize
+
+            def spy_feed(audio):
+                self.events.append(np.frombuffer(bytes(audio), dtype="<i2").copy())
+                feed(audio)
+
+            def spy_finalize():
+                self.events.append("finalize")
+                finalize()
+
+            stream.feed, stream.finalize = spy_feed, spy_finalize
+            return stream
+
+        engine.open_stream = open_stream
+        self._original = original
+
+    @property
+    def audio(self) -> np.ndarray:
+        parts = [e for e in self.events if not isinstance(e, str)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+
+    async def replay(self, engine: Engine) -> list[Final]:
+        """The engine's own finals on exactly what the service fed it (one stream, same order)."""
+        stream = self._original(language=self.language)
+        finals = []
+        for event in self.events:
+            if isinstance(event, str):
+                stream.finalize()
+                async for result in stream:
+                    if isinstance(result, Final):
+                        finals.append(result)
+                        break
+            else:
+                stream.feed(event)
+        stream.close()
+        return finals
+
+
+@contextlib.asynccontextmanager
+async def running_server(server: WebRTCServer):
+    import uvicorn
+
+    allow_loopback_ice_candidates()
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning",
+                                       lifespan="on"))
+    task = asyncio.ensure_future(uv.serve())
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        if task.done() or time.monotonic() > deadline:
+            task.cancel()
+            raise RuntimeError("the WebRTC server did not start")
+        await asyncio.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+
+
+class CDP:
+    """A minimal Chrome DevTools Protocol client over one page's websocket."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.next_id = 0
+
+    async def call(self, method: str, **params):
+        self.next_id += 1
+        my_id = self.next_id
+        await self.ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
+        while True:
+            reply = json.loads(await asyncio.wait_for(self.ws.recv(), 15))
+            if reply.get("id") == my_id:
+                if "error" in reply:
+                    raise RuntimeError(f"CDP {method}: {reply['error']}")
+                return reply.get("result", {})
+
+    async def js(self, expression: str):
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"page error: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+
+@contextlib.asynccontextmanager
+async def chromium(tmp_path: Path, fake_audio: Path):
+    from websockets.asyncio.client import connect
+
+    binary = require_chromium()
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-default-apps", "--disable-extensions", "--mute-audio", "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}", "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1",
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={fake_audio}%noloop",
+            "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
+            "about:blank"]
+    log = open(tmp_path / "chromium.log", "wb")
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 20
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Chromium did not start: {(tmp_path / 'chromium.log').read_text()[-2000:]}")
+            await asyncio.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        targets = []
+        while not targets and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                targets = [t for t in json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5))
+                           if t.get("type") == "page"]
+            await asyncio.sleep(0.1)
+        async with connect(targets[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10) as ws:
+            yield CDP(ws)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+        log.close()
+
+
+async def until(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+async def browser_call(tmp_path: Path, server: WebRTCServer, wav: Path, utterances: int, timeout: float):
+    """Open the page, press the mic button, wait for `utterances` finals on the server; return the page finals."""
+    async with running_server(server) as url, chromium(tmp_path, wav) as page:
+        await page.call("Page.enable")
+        await page.call("Page.navigate", url=f"{url}/?processing=0")
+        await until(lambda: page.js("document.readyState === 'complete' && !!document.getElementById('mic')"),
+                    10, "the page")
+        await page.js("document.getElementById('mic').click()")
+        try:
+            await until(lambda: server.sessions, 15, "the WebRTC session")
+            session = server.sessions[0]
+            await until(lambda: len(session.finals) >= utterances, timeout, f"{utterances} final transcripts")
+        except AssertionError as error:
+            state = await page.js("[document.getElementById('status').textContent, "
+                                  "document.getElementById('error').textContent]")
+            raise AssertionError(f"{error}; page status/error: {state}; server sessions: "
+                                 f"{[(s.outcome, s.finals, s.errors) for s in server.sessions]}") from None
+        spoken = [f for f in session.finals if f["text"]]
+        await until(lambda: _page_count(page, len(spoken)), 10, "the page to show the finals")
+        shown = await page.js("window.nemotron.finals")
+        dom = await page.js("Array.from(document.querySelectorAll('#finals li')).map("
+                            "li => [li.querySelector('.lang').textContent, li.querySelector('.text').textContent])")
+        status = await page.js("document.getElementById('status').textContent")
+        await page.js("document.getElementById('mic').click()")  # Stop: the server sees the browser leave
+        await until(lambda: session.ended is not None, 15, "the session to end after Stop")
+    return session, shown, dom, status
+
+
+async def _page_count(page: CDP, n: int) -> bool:
+    return await page.js("window.nemotron.finals.length") >= n
+
+
+# ---- tests ---------------------------------------------------------------------------------------------
+@pytest.fixture
+async def tiny_engine(tiny_model):
+    engine = Engine(model=tiny_model, chunk_ms=160, device="cpu", max_streams=4)
+    await engine.ready()
+    yield engine
+    engine.close()
+
+
+async def test_browser_call_transcripts_equal_engine_and_show_on_page(tmp_path, tiny_engine):
+    require_chromium()
+    rate = 48000
+    silence = lambda s: np.zeros(int(s * rate), dtype=np.float32)  # noqa: E731
+    audio = np.concatenate([silence(0.8), speechlike(1.6, seed=21, rate=rate), silence(1.2),
+                            speechlike(1.4, seed=22, rate=rate), silence(1.5)])
+    wav = write_wav(tmp_path / "call.wav", audio, rate)
+    recorder = Recorder(tiny_engine)
+    server = WebRTCServer(engine=tiny_engine, language=Language.EN_US, llm=None)
+
+    started = time.monotonic()
+    session, shown, dom, status = await browser_call(tmp_path, server, wav, utterances=2, timeout=40)
+    elapsed = time.monotonic() - started
+
+    # what the server received: ~real-time 16 kHz audio with the speech in it (Opus-decoded, not equal)
+    fed = recorder.audio.astype(np.float32) / 32768
+    assert len(fed) >= 0.9 * 16000 * len(audio) / rate * 0.8, (len(fed), elapsed)
+    assert np.sqrt(np.mean(fed ** 2)) > 0.01, "the server received silence"
+
+    # server transcript == the engine's own on the audio the service fed it
+    expected = await recorder.replay(tiny_engine)
+    got = [f["text"] for f in session.finals]
+    assert got == [f.text for f in expected], (got, [f.text for f in expected])
+    assert len(got) >= 2 and any(got), got
+    assert all(f["language"] == "en-US" for f in session.finals)
+
+    # the page shows each non-empty final, with its language
+    spoken = [f for f in session.finals if f["text"]]
+    assert shown == spoken
+    assert dom == [["en-US", f["text"]] for f in spoken]
+    assert "Listening" in status and "en-US" in status
+    assert session.outcome.startswith("client left"), session.outcome
+    assert not session.errors
+
+
+def _demo_call(rate: int):
+    rows = [json.loads(line) for line in (HELDOUT / "manifest.jsonl").read_text(encoding="utf8").splitlines()
+            if line.strip()]
+    from pipecat_nemotron.wav import read_wav
+    import soxr
+
+    picks = []
+    for lang in ("en-US", "es-ES", "de-DE"):
+        picks += [r for r in rows if r["lang"] == lang][:1]
+    parts = [np.zeros(int(0.8 * rate), dtype=np.float32)]
+    for row in picks:
+        w = read_wav(HELDOUT / row["file"])
+        parts += [soxr.resample(w.samples.astype(np.float32) / 32768, w.sample_rate, rate).astype(np.float32),
+                  np.zeros(int(1.5 * rate), dtype=np.float32)]
+    return np.concatenate(parts), picks
+
+
+@pytest.mark.skipif(not DEMO_MODEL.exists() or not (HELDOUT / "manifest.jsonl").exists(),
+                    reason="demo model not built yet (plugin/models/demo.nemo)")
+async def test_browser_call_demo_model_words_and_language(tmp_path):
+    require_chromium()
+    from test_demo_model import word_errors  # the held-out set's own normalisation and WER
+
+    engine = Engine(model="demo", chunk_ms=160, device="cpu", max_streams=4)
+    await engine.ready()
+    try:
+        audio, picks = _demo_call(48000)
+        wav = write_wav(tmp_path / "demo_call.wav", audio, 48000)
+        server = WebRTCServer(engine=engine, language=None, llm=None)  # auto-detect the language
+        session, shown, dom, _ = await browser_call(tmp_path, server, wav, utterances=len(picks), timeout=60)
+    finally:
+        engine.close()
+    finals = [f for f in session.finals if f["text"]]
+    assert len(finals) == len(picks), finals
+    errors = sum(word_errors(f["text"], row["text"])[0] for f, row in zip(finals, picks))
+    words = sum(word_errors(f["text"], row["text"])[1] for f, row in zip(finals, picks))
+    assert errors / words <= 0.35, (finals, [r["text"] for r in picks])
+    assert [f["language"] for f in finals] == [r["lang"] for r in picks]
+    assert dom == [[f["language"], f["text"]] for f in finals]
