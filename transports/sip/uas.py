@@ -217,6 +217,7 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
         """Hang up every call and close the socket."""
         for call in list(self.calls.values()):
             if call.active:
+                call.confirmed.set()  # no waiting for outstanding ACKs on the way out
                 await self.hangup(call, "server stopped")
         await asyncio.sleep(0)
         for task in list(self._tasks):
@@ -363,8 +364,8 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
 
     def _dialog(self, request: SIPRequest) -> SIPCall | None:
         call = self.calls.get(request.call_id)
-        if call is None or parse_address(request.get("To")).tag != call.local_tag:
-            return None
+        if call is None or not call.active or parse_address(request.get("To")).tag != call.local_tag:
+            return None  # unknown or terminated dialog (retransmissions were answered from the cache)
         return call
 
     def _log_rejected(self, request: SIPRequest, source: tuple[str, int], outcome: str) -> None:

@@ -1,0 +1,562 @@
+"""The SIP user-agent server driven by a small in-test UDP client on 127.0.0.1 (random free ports)."""
+
+import asyncio
+import secrets
+import struct
+
+import pytest
+from aiortc.rtp import RtpPacket
+from pipecat.frames.frames import (EndFrame, Frame, InputAudioRawFrame, InputDTMFFrame, OutputAudioRawFrame,
+                                   StartFrame)
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.workers.runner import WorkerRunner
+
+from pipecat_nemotron.transports.sip import SIPCallTransport, SIPConfig, SIPUserAgentServer
+from pipecat_nemotron.transports.sip.message import SIPRequest, SIPResponse, parse_address, parse_message, parse_via
+from pipecat_nemotron.transports.sip.sdp import parse_sdp
+
+HOST = "127.0.0.1"
+
+
+class Peer(asyncio.DatagramProtocol):
+    """A bare UDP endpoint that records what it receives (SIP parsed, RTP raw)."""
+
+    def __init__(self):
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.transport = None
+
+    @classmethod
+    async def open(cls):
+        peer = cls()
+        await asyncio.get_running_loop().create_datagram_endpoint(lambda: peer, local_addr=(HOST, 0))
+        return peer
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    @property
+    def port(self) -> int:
+        return self.transport.get_extra_info("sockname")[1]
+
+    def datagram_received(self, data, addr):
+        self.inbox.put_nowait((data, addr))
+
+    def send(self, data, port: int):
+        self.transport.sendto(data if isinstance(data, bytes) else data.encode(), (HOST, port))
+
+    async def expect(self, *, status=None, method=None, timeout=3.0):
+        """The next SIP message matching status/method (others are skipped)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            data, _ = await asyncio.wait_for(self.inbox.get(), max(0.01, deadline - loop.time()))
+            message = parse_message(data)
+            if message is None:
+                continue
+            if status is not None and isinstance(message, SIPResponse) and message.status == status:
+                return message
+            if method is not None and isinstance(message, SIPRequest) and message.method == method:
+                return message
+
+    async def count(self, status, seconds):
+        found = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while loop.time() < deadline:
+            try:
+                data, _ = await asyncio.wait_for(self.inbox.get(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                break
+            message = parse_message(data)
+            found += isinstance(message, SIPResponse) and message.status == status
+        return found
+
+    def close(self):
+        self.transport.close()
+
+
+def offer(rtp_port, direction="sendrecv"):
+    return (f"v=0\r\no=peer 1 1 IN IP4 {HOST}\r\ns=-\r\nc=IN IP4 {HOST}\r\nt=0 0\r\n"
+            f"m=audio {rtp_port} RTP/AVP 0 8 101\r\na=rtpmap:101 telephone-event/8000\r\na={direction}\r\n")
+
+
+class Dialog:
+    """Client side of one call: builds the requests an ordinary UAC would send."""
+
+    def __init__(self, peer: Peer, server_port: int, *, rtp_port: int = 0, record_route: str | None = None):
+        self.peer, self.server_port, self.rtp_port = peer, server_port, rtp_port
+        self.call_id = secrets.token_hex(8) + "@test"
+        self.from_tag = secrets.token_hex(4)
+        self.to = "<sip:bot@127.0.0.1>"
+        self.cseq = 1
+        self.invite_branch = ""
+        self.record_route = record_route
+
+    def request(self, method, *, body="", branch=None, cseq=None, compact=False, extra=""):
+        branch = branch or "z9hG4bK" + secrets.token_hex(6)
+        cseq = cseq or self.cseq
+        names = ("v", "f", "t", "i", "m", "l") if compact else ("Via", "From", "To", "Call-ID", "Contact",
+                                                                 "Content-Length")
+        ctype = "Content-Type: application/sdp\r\n" if body else ""
+        rr = f"Record-Route: {self.record_route}\r\n" if self.record_route and method == "INVITE" else ""
+        return (f"{method} sip:bot@{HOST}:{self.server_port} SIP/2.0\r\n"
+                f"{names[0]}: SIP/2.0/UDP {HOST}:{self.peer.port};branch={branch};rport\r\n"
+                f"Max-Forwards: 70\r\n{names[1]}: \"Test Caller\" <sip:caller@example.com>;tag={self.from_tag}\r\n"
+                f"{names[2]}: {self.to}\r\n{names[3]}: {self.call_id}\r\nCSeq: {cseq} {method}\r\n"
+                f"{names[4]}: <sip:caller@{HOST}:{self.peer.port}>\r\n{rr}{extra}{ctype}"
+                f"{names[5]}: {len(body.encode())}\r\n\r\n{body}")
+
+    def invite(self, *, with_sdp=True, compact=False, direction="sendrecv"):
+        self.invite_branch = "z9hG4bK" + secrets.token_hex(6)
+        body = offer(self.rtp_port, direction) if with_sdp else ""
+        self.peer.send(self.request("INVITE", body=body, branch=self.invite_branch, compact=compact), self.server_port)
+
+    def take_tag(self, response: SIPResponse):
+        self.to = response.get("To")
+
+    def ack(self, body=""):
+        self.peer.send(self.request("ACK", body=body, cseq=self.cseq), self.server_port)
+
+    def send(self, method, **kwargs):
+        self.cseq += 1
+        self.peer.send(self.request(method, **kwargs), self.server_port)
+
+
+@pytest.fixture
+async def peer():
+    p = await Peer.open()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+async def rtp_peer():
+    p = await Peer.open()
+    yield p
+    p.close()
+
+
+async def start_server(on_call=None, **config):
+    server = SIPUserAgentServer(config=SIPConfig(host=HOST, port=0, **config), on_call=on_call)
+    await server.start()
+    return server
+
+
+async def until(condition, timeout=3.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+def calls_recorder():
+    calls = []
+
+    async def on_call(call):
+        calls.append(call)
+        await call.ended.wait()
+
+    return calls, on_call
+
+
+async def test_invite_answer_ack_then_caller_bye(peer, rtp_peer):
+    calls, on_call = calls_recorder()
+    server = await start_server(on_call)
+    try:
+        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        dialog.invite()
+        trying = await peer.expect(status=100)
+        assert parse_address(trying.get("To")).tag is None  # no To-tag on 100
+        ringing = await peer.expect(status=180)
+        ok = await peer.expect(status=200)
+        tag = parse_address(ok.get("To")).tag
+        assert tag and parse_address(ringing.get("To")).tag == tag
+        via = parse_via(ok.get_all("Via")[0])
+        assert via.params["rport"] == str(peer.port) and via.params["received"] == HOST  # RFC 3581
+        assert ok.get("Contact") and "INVITE" in ok.get("Allow")
+        answer = parse_sdp(ok.body)
+        assert answer.media[0].formats == ["0", "101"]
+        dialog.take_tag(ok)
+        dialog.ack()
+        await until(lambda: calls and calls[0].state == "confirmed")
+        call = calls[0]
+        assert call.identity["caller"] == "sip:caller@example.com" and call.caller_name == "Test Caller"
+        data, _ = await asyncio.wait_for(rtp_peer.inbox.get(), 1)  # our continuous RTP reaches the caller
+        assert RtpPacket.parse(data).payload_type == 0
+        dialog.send("BYE")
+        bye_ok = await peer.expect(status=200)
+        assert bye_ok.cseq == (dialog.cseq, "BYE")
+        await until(lambda: call.outcome == "caller hung up")
+        dialog.send("BYE")
+        assert (await peer.expect(status=481)).cseq[1] == "BYE"  # that dialog is gone
+    finally:
+        await server.stop()
+
+
+async def test_200_retransmitted_until_ack_then_bye(peer, rtp_peer):
+    calls, on_call = calls_recorder()
+    server = await start_server(on_call, t1=0.02, t2=0.08)  # 64·T1 = 1.28 s
+    try:
+        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        dialog.invite()
+        await peer.expect(status=200)
+        assert await peer.count(200, 0.3) >= 3
+        bye = await peer.expect(method="BYE", timeout=3)
+        assert parse_address(bye.get("To")).tag == dialog.from_tag
+        await until(lambda: calls and calls[0].outcome == "no ACK")
+    finally:
+        await server.stop()
+
+
+async def test_ack_stops_retransmissions(peer, rtp_peer):
+    server = await start_server(None, t1=0.02, t2=0.08)
+    try:
+        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        dialog.invite()
+        dialog.take_tag(await peer.expect(status=200))
+        dialog.ack()
+        await asyncio.sleep(0.1)
+        while not peer.inbox.empty():
+            peer.inbox.get_nowait()
+        assert await peer.count(200, 0.4) == 0
+    finally:
+        await server.stop()
+
+
+async def test_invite_retransmission_absorbed(peer, rtp_peer):
+    calls, on_call = calls_recorder()
+    server = await start_server(on_call, ring_secs=0.3)
+    try:
+        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        dialog.invite()
+        await peer.expect(status=180)
+        again = dialog.request("INVITE", body=offer(rtp_peer.port), branch=dialog.invite_branch)
+        peer.send(again, server.port)
+        await peer.expect(status=180)  # the last response, re-sent
+        await peer.expect(status=200)
+        await asyncio.sleep(0.1)
+        assert len(calls) == 1 and len(server.calls) == 1
+    finally:
+        await server.stop()
+
+
+async def test_cancel_gives_200_and_487(peer, rtp_peer):
+    calls, on_call = calls_recorder()
+    server = await start_server(on_call, ring_secs=5)
+    try:
+        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        dialog.invite()
+        await peer.expect(status=180)
+        peer.send(dialog.request("CANCEL", branch=dialog.invite_branch), server.port)
+        cancel_ok = await peer.expect(status=200)
+        assert cancel_ok.cseq[1] == "CANCEL"
+        terminated = await peer.expect(status=487)
+        assert terminated.cseq[1] == "INVITE"
+        dialog.take_tag(terminated)
+        dialog.ack()
+        await asyncio.sleep(0.1)
+        assert calls == [] and server.active_calls == 0
+        peer.send(dialog.request("CANCEL", branch="z9hG4bKnope"), server.port)
+        assert (await peer.expect(status=481)).cseq[1] == "CANCEL"
+    finally:
+        await server.stop()
+
+
+async def test_options_info_unknown_methods_and_unknown_dialogs(peer):
+    server = await start_server()
+    try:
+        dialog = Dialog(peer, server.port)
+        dialog.send("OPTIONS", compact=True)
+        ok = await peer.expect(status=200)
+        assert parse_address(ok.get("To")).tag and "OPTIONS" in ok.get("Allow")
+        dialog.send("SUBSCRIBE")
+        assert (await peer.expect(status=405)).get("Allow")
+        dialog.send("FROBNICATE")
+        assert (await peer.expect(status=501)).cseq[1] == "FROBNICATE"
+        dialog.to = "<sip:bot@127.0.0.1>;tag=unknown"
+        for method in ("BYE", "INFO", "UPDATE", "INVITE"):
+            dialog.send(method)
+            response = await peer.expect(status=481)
+            assert response.cseq[1] == method and parse_address(response.get("To")).tag == "unknown"
+    finally:
+        await server.stop()
+
+
+async def test_reinvite_hold_update_and_info(peer, rtp_peer):
+    calls, on_call = calls_recorder()
+    server = await start_server(on_call)
+    try:
+        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        dialog.invite()
+        first = await peer.expect(status=200)
+        dialog.take_tag(first)
+        dialog.ack()
+        await until(lambda: calls and calls[0].state == "confirmed")
+        dialog.send("INVITE", body=offer(rtp_peer.port, "sendonly"))  # the caller puts us on hold
+        held = await peer.expect(status=200)
+        assert held.cseq == (dialog.cseq, "INVITE") and "a=recvonly" in held.body.decode()
+        assert parse_sdp(held.body).origin.split()[1] == parse_sdp(first.body).origin.split()[1]
+        dialog.ack()
+        assert not calls[0].negotiated.we_send
+        dialog.send("INVITE")  # no offer: the current SDP again
+        assert (await peer.expect(status=200)).body == held.body
+        dialog.ack()
+        dialog.send("UPDATE")
+        assert (await peer.expect(status=200)).cseq[1] == "UPDATE"
+        dialog.send("INFO", body="Signal=7\r\nDuration=160\r\n",
+                    extra="Content-Type: application/dtmf-relay\r\n")
+        assert (await peer.expect(status=200)).cseq[1] == "INFO"
+        assert calls[0].rtp.stats.dtmf_digits == "7"
+        assert calls[0].active
+    finally:
+        await server.stop()
+
+
+async def test_call_limit_503_before_application_work(peer, rtp_peer):
+    calls, on_call = calls_recorder()
+    server = await start_server(on_call, max_calls=1)
+    try:
+        first = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        first.invite()
+        first.take_tag(await peer.expect(status=200))
+        first.ack()
+        second = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        second.invite()
+        busy = await peer.expect(status=503)
+        assert busy.call_id == second.call_id and parse_address(busy.get("To")).tag
+        await asyncio.sleep(0.1)
+        assert len(calls) == 1
+    finally:
+        await server.stop()
+
+
+async def test_peer_not_allowed_403(peer, rtp_peer):
+    calls, on_call = calls_recorder()
+    server = await start_server(on_call, allowed_peers=("10.0.0.0/8", "192.0.2.1"))
+    try:
+        Dialog(peer, server.port, rtp_port=rtp_peer.port).invite()
+        await peer.expect(status=403)
+        await asyncio.sleep(0.1)
+        assert calls == [] and not server.calls
+    finally:
+        await server.stop()
+    server = await start_server(on_call, allowed_peers=("127.0.0.0/8",))
+    try:
+        Dialog(peer, server.port, rtp_port=rtp_peer.port).invite()
+        await peer.expect(status=200)
+    finally:
+        await server.stop()
+
+
+async def test_bot_hangup_uses_route_set_and_swapped_from_to(peer, rtp_peer):
+    async def on_call(call):
+        await call.confirmed.wait()
+        await call.hangup("bot done")
+
+    server = await start_server(on_call)
+    try:
+        route = f"<sip:{HOST}:{peer.port};lr>"
+        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port, record_route=route)
+        dialog.invite()
+        ok = await peer.expect(status=200)
+        assert ok.get_all("Record-Route") == [route]
+        dialog.take_tag(ok)
+        dialog.ack()
+        bye = await peer.expect(method="BYE")
+        assert bye.get_all("Route") == [route] and bye.uri == f"sip:caller@{HOST}:{peer.port}"
+        assert parse_address(bye.get("To")).tag == dialog.from_tag
+        assert parse_address(bye.get("From")).tag == parse_address(ok.get("To")).tag
+        response = SIPResponse(status=200, reason="OK", headers=[(k, v) for k, v in bye.headers
+                                                                 if k in ("Via", "From", "To", "Call-ID", "CSeq")])
+        peer.send(response.to_bytes(), server.port)
+        call = next(iter(server.calls.values()))
+        await until(lambda: call.outcome == "bot done")
+    finally:
+        await server.stop()
+
+
+async def test_max_call_length(peer, rtp_peer):
+    calls, on_call = calls_recorder()
+    server = await start_server(on_call, max_call_secs=0.3)
+    try:
+        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        dialog.invite()
+        dialog.take_tag(await peer.expect(status=200))
+        dialog.ack()
+        await peer.expect(method="BYE", timeout=2)
+        assert calls[0].outcome == "max call length"
+    finally:
+        await server.stop()
+
+
+async def test_delayed_offer_answer_in_ack(peer, rtp_peer):
+    calls, on_call = calls_recorder()
+    server = await start_server(on_call)
+    try:
+        dialog = Dialog(peer, server.port)
+        dialog.invite(with_sdp=False)
+        ok = await peer.expect(status=200)
+        assert parse_sdp(ok.body).media[0].formats == ["0", "8", "101"]
+        dialog.take_tag(ok)
+        answer = offer(rtp_peer.port).replace("RTP/AVP 0 8 101", "RTP/AVP 8 101")
+        dialog.ack(body=answer)
+        await until(lambda: calls and calls[0].negotiated is not None)
+        assert calls[0].negotiated.codec == "PCMA"
+        data, _ = await asyncio.wait_for(rtp_peer.inbox.get(), 1)
+        assert RtpPacket.parse(data).payload_type == 8
+    finally:
+        await server.stop()
+
+
+async def test_488_when_no_g711(peer):
+    server = await start_server()
+    try:
+        dialog = Dialog(peer, server.port, rtp_port=4000)
+        bad = offer(4000).replace("RTP/AVP 0 8 101", "RTP/AVP 96").replace("telephone-event", "opus")
+        peer.send(dialog.request("INVITE", body=bad), server.port)
+        await peer.expect(status=488)
+        assert server.active_calls == 0
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize("junk", [
+    b"\x00\x01\x02\xff" * 50,
+    b"INVITE sip:bot@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:1",
+    b"OPTIONS sip:x SIP/2.0\r\n" + b"X-Pad: " + b"a" * 70000 + b"\r\n\r\n",
+    b"\r\n\r\n",
+])
+async def test_malformed_input_never_breaks_the_server(peer, junk):
+    server = await start_server()
+    try:
+        peer.send(junk, server.port)
+        dialog = Dialog(peer, server.port)
+        dialog.send("OPTIONS")
+        assert (await peer.expect(status=200)).call_id == dialog.call_id
+    finally:
+        await server.stop()
+
+
+async def test_wrong_content_length_gets_400(peer):
+    server = await start_server()
+    try:
+        dialog = Dialog(peer, server.port)
+        text = dialog.request("OPTIONS").replace("Content-Length: 0", "Content-Length: 50")
+        peer.send(text, server.port)
+        bad = await peer.expect(status=400)
+        assert bad.call_id == dialog.call_id and "Content-Length" in bad.reason
+    finally:
+        await server.stop()
+
+
+class Collector(FrameProcessor):
+    """A plain sink: keeps every frame that reaches the end of the pipeline."""
+
+    def __init__(self):
+        super().__init__()
+        self.frames: list[Frame] = []
+
+    async def process_frame(self, frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        self.frames.append(frame)
+        await self.push_frame(frame, direction)
+
+
+def rtp(seq, *, pt=0, payload=b"\x7f" * 160, ts=None, marker=0):
+    return RtpPacket(payload_type=pt, sequence_number=seq, timestamp=seq * 160 if ts is None else ts, ssrc=77,
+                     marker=marker, payload=payload).serialize()
+
+
+async def run_call_pipeline(call, collector, *, bot_audio: bytes = b"", bot_ends: bool = False):
+    transport = SIPCallTransport(call=call)
+    events = []
+
+    @transport.event_handler("on_call_started")
+    async def started(_, c):
+        events.append(("started", c.identity["caller"]))
+
+    @transport.event_handler("on_call_ended")
+    async def ended(_, c):
+        events.append(("ended", c.outcome))
+
+    worker = PipelineWorker(Pipeline([transport.input(), collector, transport.output()]),
+                            params=PipelineParams(audio_in_sample_rate=8000, audio_out_sample_rate=8000),
+                            idle_timeout_secs=None, enable_rtvi=False)
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    run = asyncio.ensure_future(runner.run())
+    if bot_audio:
+        await until(lambda: any(isinstance(f, StartFrame) for f in collector.frames))
+        await worker.queue_frame(OutputAudioRawFrame(audio=bot_audio, sample_rate=8000, num_channels=1))
+    if bot_ends:
+        await worker.queue_frame(EndFrame())
+    await asyncio.wait_for(run, 15)
+    return events
+
+
+async def test_transport_frames_dtmf_and_caller_hangup_ends_pipeline(peer, rtp_peer):
+    collector = Collector()
+    results = {}
+
+    async def on_call(call):
+        results["events"] = await run_call_pipeline(call, collector)
+
+    server = await start_server(on_call)
+    try:
+        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        dialog.invite()
+        dialog.take_tag(await peer.expect(status=200))
+        dialog.ack()
+        _, server_rtp = await asyncio.wait_for(rtp_peer.inbox.get(), 2)
+        for seq in range(1, 11):
+            rtp_peer.send(rtp(seq), server_rtp[1])
+        for end in (False, True, True, True):  # digit 9, end packet three times
+            rtp_peer.send(rtp(11, pt=101, ts=2000, payload=struct.pack("!BBH", 9, 0x8A if end else 0x0A, 400)),
+                          server_rtp[1])
+        injected = await Peer.open()  # another port: ignored (symmetric RTP latching)
+        injected.send(rtp(12, payload=b"\x00" * 160), server_rtp[1])
+        await asyncio.sleep(0.3)
+        dialog.send("BYE")
+        await peer.expect(status=200)
+        await until(lambda: "events" in results, timeout=10)
+        injected.close()
+        audio = [f for f in collector.frames if isinstance(f, InputAudioRawFrame)]
+        dtmf = [f for f in collector.frames if isinstance(f, InputDTMFFrame)]
+        assert len(audio) == 10 and all(f.sample_rate == 8000 and len(f.audio) == 320 for f in audio)
+        assert [f.button.value for f in dtmf] == ["9"]
+        assert results["events"] == [("started", "sip:caller@example.com"), ("ended", "caller hung up")]
+        assert next(iter(server.calls.values())).rtp.stats.ignored >= 1
+    finally:
+        await server.stop()
+
+
+async def test_bot_audio_reaches_caller_and_endframe_hangs_up(peer, rtp_peer):
+    collector = Collector()
+    tone = struct.pack("<h", 12000) * 800  # 100 ms of a constant non-silent level
+    done = asyncio.Event()
+
+    async def on_call(call):
+        await call.confirmed.wait()
+        await run_call_pipeline(call, collector, bot_audio=tone, bot_ends=True)
+        done.set()
+
+    server = await start_server(on_call)
+    try:
+        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        dialog.invite()
+        dialog.take_tag(await peer.expect(status=200))
+        dialog.ack()
+        bye = await peer.expect(method="BYE", timeout=10)
+        assert bye.call_id == dialog.call_id
+        await asyncio.wait_for(done.wait(), 5)
+        payloads = []
+        while not rtp_peer.inbox.empty():
+            payloads.append(RtpPacket.parse(rtp_peer.inbox.get_nowait()[0]).payload)
+        loud = [p for p in payloads if p != b"\xff" * 160]
+        assert len(loud) >= 4  # the 100 ms tone went out as RTP before the BYE
+    finally:
+        await server.stop()
