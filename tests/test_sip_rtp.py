@@ -59,6 +59,15 @@ def test_dtmf_end_packets_deduplicated():
     assert decoder.feed(event(11, True), 3000) == ["#"]
 
 
+def test_dtmf_replayed_events_with_one_timestamp_are_distinct_digits():
+    decoder = DTMFDecoder()  # sipp's stock pcaps all carry timestamp 13280
+    digits = []
+    for digit in (1, 5, 11):
+        for end in (False, True, True, True):
+            digits += decoder.feed(event(digit, end), 13280)
+    assert digits == ["1", "5", "#"]
+
+
 def test_dtmf_without_end_packets_reported_at_next_event():
     decoder = DTMFDecoder()
     assert decoder.feed(event(1, False), 1000) == []

@@ -106,12 +106,12 @@ class DTMFDecoder:
     """RFC 4733 telephone-events → digits, one per event.
 
     A digit is reported at its end packet; the end packet is sent three times with the same timestamp, so
-    events are de-duplicated on the RTP timestamp. An event whose end packets were all lost is reported
-    when the next event starts.
+    events are de-duplicated on (RTP timestamp, event code). An event whose end packets were all lost is
+    reported when the next event starts.
     """
 
     def __init__(self):
-        self._reported: deque[int] = deque(maxlen=8)
+        self._reported: deque[tuple[int, int]] = deque(maxlen=8)
         self._pending: tuple[int, int] | None = None  # (timestamp, event) seen without its end yet
 
     def reset(self) -> None:
@@ -122,22 +122,22 @@ class DTMFDecoder:
         """Digits completed by this packet (usually none or one)."""
         if len(payload) < 4:
             return []
-        event, end = payload[0], bool(payload[1] & 0x80)
+        key, end = (timestamp, payload[0]), bool(payload[1] & 0x80)
         digits = []
-        if self._pending and self._pending[0] != timestamp:
-            digits += self._report(*self._pending)
+        if self._pending is not None and self._pending != key:
+            digits += self._report(self._pending)
         self._pending = None
         if end:
-            digits += self._report(timestamp, event)
-        elif timestamp not in self._reported:
-            self._pending = (timestamp, event)
+            digits += self._report(key)
+        elif key not in self._reported:
+            self._pending = key
         return digits
 
-    def _report(self, timestamp: int, event: int) -> list[str]:
-        if timestamp in self._reported or event >= len(DTMF_EVENTS):
+    def _report(self, key: tuple[int, int]) -> list[str]:
+        if key in self._reported or key[1] >= len(DTMF_EVENTS):
             return []
-        self._reported.append(timestamp)
-        return [DTMF_EVENTS[event]]
+        self._reported.append(key)
+        return [DTMF_EVENTS[key[1]]]
 
 
 @dataclass
