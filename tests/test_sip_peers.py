@@ -115,11 +115,13 @@ async def start_server(on_call=None, **config):
     return server
 
 
-async def sipp(scenario: str, server_port: int, *, timeout: float = 15.0, tmp_path: Path) -> tuple[int, str]:
-    """Run one sipp call of a scenario; returns (exit status, error log)."""
+async def sipp(scenario: str, server_port: int, *, timeout: float = 15.0, tmp_path: Path,
+               tcp: bool = False) -> tuple[int, str]:
+    """Run one sipp call of a scenario (over UDP, or TCP); returns (exit status, error log)."""
     errors = tmp_path / f"{scenario}-errors.log"
+    transport = ["-t", "t1"] if tcp else []
     proc = await asyncio.create_subprocess_exec(
-        "sipp", "-sf", str(SCENARIOS / f"{scenario}.xml"), "-s", "bot", f"{HOST}:{server_port}",
+        "sipp", "-sf", str(SCENARIOS / f"{scenario}.xml"), "-s", "bot", f"{HOST}:{server_port}", *transport,
         "-i", HOST, "-p", str(free_port()), "-mi", HOST, "-mp", str(free_port() & ~1), "-m", "1", "-nostdin",
         "-trace_err", "-error_file", str(errors), "-timeout", f"{int(timeout)}s", "-timeout_error",
         cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
@@ -162,6 +164,23 @@ async def test_sipp_rfc4733_digits_become_input_dtmf_frames_and_injected_rtp_is_
         assert collector.of(InputAudioRawFrame) == []  # sipp sent no audio and the injected packets were dropped
         assert calls[0].rtp.stats.ignored >= 5 and calls[0].outcome == "caller hung up"
         assert any(isinstance(f, EndFrame) for f in collector.frames)  # the caller's BYE ended the pipeline
+    finally:
+        await server.stop()
+
+
+@needs_sipp
+async def test_sipp_dtmf_call_over_tcp(tmp_path):
+    calls = []
+
+    async def on_call(call):
+        calls.append(call)
+        await call.ended.wait()
+
+    server = await start_server(on_call)
+    try:
+        status, log = await sipp("uac_dtmf", server.port, tmp_path=tmp_path, tcp=True)
+        assert status == 0, log
+        assert calls[0].rtp.stats.dtmf_digits == "15#" and calls[0].outcome == "caller hung up"
     finally:
         await server.stop()
 

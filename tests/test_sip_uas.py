@@ -560,3 +560,50 @@ async def test_bot_audio_reaches_caller_and_endframe_hangs_up(peer, rtp_peer):
         assert len(loud) >= 4  # the 100 ms tone went out as RTP before the BYE
     finally:
         await server.stop()
+
+
+async def test_sip_over_tcp(rtp_peer):
+    """INVITE/ACK over TCP, OPTIONS in between, and our BYE comes back on the same connection."""
+    async def on_call(call):
+        await call.confirmed.wait()
+        await call.hangup("bot done")
+
+    server = await start_server(on_call)
+    reader, writer = await asyncio.open_connection(HOST, server.port)
+    try:
+        local_port = writer.get_extra_info("sockname")[1]
+        peer = Peer()  # only used for building requests
+
+        class FakeTransport:
+            def get_extra_info(self, _):
+                return (HOST, local_port)
+
+        peer.transport = FakeTransport()
+        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+
+        async def read_message():
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            return parse_message(head + await reader.readexactly(length))
+
+        def send(text):
+            writer.write(b"\r\n\r\n" + text.replace("SIP/2.0/UDP", "SIP/2.0/TCP").encode())  # with a keep-alive
+
+        send(dialog.request("OPTIONS"))
+        assert (await read_message()).status == 200
+        dialog.invite_branch = "z9hG4bKtcp1"
+        send(dialog.request("INVITE", body=offer(rtp_peer.port), branch=dialog.invite_branch))
+        statuses = []
+        while 200 not in statuses:
+            response = await read_message()
+            statuses.append(response.status)
+        assert statuses == [100, 180, 200] and ";transport=tcp" in response.get("Contact")
+        dialog.take_tag(response)
+        send(dialog.request("ACK"))
+        bye = await read_message()
+        assert isinstance(bye, SIPRequest) and bye.method == "BYE"
+        assert parse_via(bye.get_all("Via")[0]).transport == "TCP"
+    finally:
+        writer.close()
+        await server.stop()

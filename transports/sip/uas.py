@@ -1,4 +1,4 @@
-"""An asyncio SIP user-agent server over UDP (RFC 3261): answers calls, one RTP session per call.
+"""An asyncio SIP user-agent server over UDP and TCP (RFC 3261): answers calls, one RTP session per call.
 
 INVITE → 100 Trying, 180 Ringing (optional), 200 OK with the SDP answer (or our offer when the INVITE
 has none, the answer then comes in the ACK). The 200 is retransmitted from T1 = 0.5 s doubling to T2 = 4 s
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from .message import (REASONS, SIPMessage, SIPParseError, SIPRequest, SIPResponse, parse_address, parse_message,
-                      parse_via, uri_host_port)
+from .message import (MAX_MESSAGE_SIZE, REASONS, SIPMessage, SIPParseError, SIPRequest, SIPResponse, parse_address,
+                      parse_message, parse_stream, parse_via, uri_host_port)
 from .rtp import RtpSession
 from .sdp import Negotiated, SDPBuilder, SDPError, parse_sdp, read_answer
 
@@ -50,6 +50,7 @@ class SIPConfig:
         send_ringing: Send 180 Ringing before answering.
         t1, t2: RFC 3261 timers (retransmission start and cap).
         user_agent: Server / User-Agent header value.
+        tcp: Also accept SIP over TCP on the same port (responses and our BYE go back on the connection).
     """
 
     host: str = "0.0.0.0"
@@ -63,6 +64,7 @@ class SIPConfig:
     t1: float = 0.5
     t2: float = 4.0
     user_agent: str = "pipecat-nemotron"
+    tcp: bool = True
 
     def __post_init__(self):
         self._networks = [ipaddress.ip_network(p, strict=False) for p in self.allowed_peers]
@@ -193,6 +195,8 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
         self._responses: dict[tuple[str, str], tuple[bytes, tuple[str, int]]] = {}
         self._client: dict[tuple[str, int, str], asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._tcp_server: asyncio.Server | None = None
+        self._streams: dict[tuple[str, int], asyncio.StreamWriter] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -202,7 +206,15 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
         self._transport, _ = await loop.create_datagram_endpoint(
             lambda: self, local_addr=(self.config.host, self.config.port))
         self.address = self._transport.get_extra_info("sockname")[:2]
-        logger.info(f"SIP server listening on udp {self.address[0]}:{self.address[1]}")
+        transports = "udp"
+        if self.config.tcp:
+            try:
+                self._tcp_server = await asyncio.start_server(self._on_tcp_connection, self.address[0],
+                                                              self.address[1], limit=MAX_MESSAGE_SIZE)
+                transports = "udp+tcp"
+            except OSError as exc:
+                logger.warning(f"SIP over TCP not available on port {self.address[1]}: {exc}")
+        logger.info(f"SIP server listening on {transports} {self.address[0]}:{self.address[1]}")
         return self.address
 
     @property
@@ -222,6 +234,11 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
         await asyncio.sleep(0)
         for task in list(self._tasks):
             task.cancel()
+        if self._tcp_server is not None:
+            self._tcp_server.close()
+            self._tcp_server = None
+        for stream in list(self._streams.values()):
+            stream.close()
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -243,9 +260,12 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
             self._answer_malformed(data, source, exc)
             return
         if message is None:  # CRLF keep-alive (RFC 5626 §4.4.1): answer with a single CRLF
-            if data.startswith(b"\r\n\r\n") and self._transport:
-                self._transport.sendto(b"\r\n", source)
+            if data.startswith(b"\r\n\r\n"):
+                self._send_raw(b"\r\n", source)
             return
+        self._dispatch(message, source)
+
+    def _dispatch(self, message: SIPMessage, source: tuple[str, int]) -> None:
         try:
             if isinstance(message, SIPRequest):
                 self._on_request(message, source)
@@ -257,6 +277,33 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
                 self._respond(message, source, 400, reason=f"Bad Request ({exc})"[:120])
         except Exception:
             logger.exception(f"SIP message from {source} failed")
+
+    async def _on_tcp_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One TCP connection: messages framed by Content-Length, responses back on the same connection."""
+        peer = writer.get_extra_info("peername")[:2]
+        self._streams[peer] = writer
+        buffer = b""
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                buffer += data
+                while buffer:
+                    message, used = parse_stream(buffer)
+                    buffer = buffer[used:]
+                    if message is None:
+                        break
+                    self._dispatch(message, peer)
+        except SIPParseError as exc:
+            logger.warning(f"SIP over TCP from {peer[0]}:{peer[1]} malformed ({exc}); closing the connection")
+            self._answer_malformed(buffer, peer, exc)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if self._streams.get(peer) is writer:
+                del self._streams[peer]
+            writer.close()
 
     def _answer_malformed(self, data: bytes, source: tuple[str, int], error: SIPParseError) -> None:
         """A 400 when enough of the request is readable to address one; otherwise a silent drop."""
@@ -278,13 +325,22 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
 
     def _send(self, message: SIPMessage, destination: tuple[str, int]) -> bytes:
         data = message.to_bytes()
-        if self._transport is not None:
-            self._transport.sendto(data, destination)
+        self._send_raw(data, destination)
         return data
+
+    def _send_raw(self, data: bytes, destination: tuple[str, int]) -> None:
+        """Over the TCP connection with that peer when there is one, else UDP."""
+        stream = self._streams.get(destination)
+        if stream is not None and not stream.is_closing():
+            stream.write(data)
+        elif self._transport is not None:
+            self._transport.sendto(data, destination)
 
     # --- responses ------------------------------------------------------------------------------
 
     def _response_destination(self, request: SIPRequest, source: tuple[str, int]) -> tuple[str, int]:
+        if source in self._streams:
+            return source  # back on the connection the request came in on
         via = parse_via(request.get_all("Via")[0])
         if "rport" in via.params:
             return source
@@ -313,7 +369,8 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
             for route in request.get_all("Record-Route"):
                 response.add("Record-Route", route)
         if contact:
-            response.add("Contact", f"<sip:pipecat@{self._contact_host(source)}:{self.port}>")
+            tcp = ";transport=tcp" if source in self._streams else ""
+            response.add("Contact", f"<sip:pipecat@{self._contact_host(source)}:{self.port}{tcp}>")
         if status in (200, 405):
             response.add("Allow", ", ".join(ALLOWED_METHODS))
         response.add("Server", self.config.user_agent)
@@ -345,8 +402,7 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
         branch = parse_via(request.get_all("Via")[0]).branch
         if request.method != "ACK" and (branch, request.method) in self._responses:
             data, destination = self._responses[(branch, request.method)]  # a retransmission
-            if self._transport:
-                self._transport.sendto(data, destination)
+            self._send_raw(data, destination)
             return
         if not self.config.allows(source[0]):
             if request.method != "ACK":
@@ -438,8 +494,7 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
             if not call.active:
                 return
             waited += interval
-            if self._transport:
-                self._transport.sendto(data, destination)
+            self._send_raw(data, destination)
             interval = min(interval * 2, self.config.t2)
         if call.active and not call.confirmed.is_set():
             call.confirmed.set()  # let the BYE go out (RFC 3261 §13.3.1.4)
@@ -547,8 +602,7 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
                 return
             except asyncio.TimeoutError:
                 waited += interval
-                if self._transport:
-                    self._transport.sendto(data, destination)
+                self._send_raw(data, destination)
                 interval = min(interval * 2, self.config.t2)
         call.confirmed.set()
 
@@ -586,7 +640,8 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
         call.local_cseq = max(call.local_cseq + 1, 1)
         bye = SIPRequest(method="BYE", uri=call.remote_target)
         host = self._contact_host(call.remote_address)
-        bye.add("Via", f"SIP/2.0/UDP {host}:{self.port};branch={_branch()};rport")
+        protocol = "TCP" if call.remote_address in self._streams and not call.route_set else "UDP"
+        bye.add("Via", f"SIP/2.0/{protocol} {host}:{self.port};branch={_branch()};rport")
         bye.add("Max-Forwards", "70")
         for route in call.route_set:
             bye.add("Route", route)
@@ -617,8 +672,7 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
                 destination = infos[0][4][:2]
             data = request.to_bytes()
             while waited < 64 * self.config.t1:
-                if self._transport:
-                    self._transport.sendto(data, destination)
+                self._send_raw(data, destination)
                 try:
                     return await asyncio.wait_for(asyncio.shield(future), interval)
                 except asyncio.TimeoutError:
