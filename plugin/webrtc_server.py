@@ -413,20 +413,26 @@ async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str 
                           llm=_llm_config(llm))
     if _loopback(host):
         allow_loopback_ice_candidates()
-    logger.info(f"serve-webrtc: open http://{'localhost' if _loopback(host) else host}:{port}/ "
-                f"(loading {model} first)")
+    logger.info(f"serve-webrtc: loading {model} ({chunk_ms} ms chunks)…")
+    await server.start()  # model errors surface here, before the port opens
+    logger.info(f"serve-webrtc: open http://{'localhost' if _loopback(host) else host}:{port}/")
     config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", lifespan="on")
     await uvicorn.Server(config).serve()
 
 
 def run_webrtc_server(*, host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT_MODEL, chunk_ms: int = 160,
                       language: Language | str | None = None, device: str = "auto", llm: bool | None = None) -> None:
-    """Blocking wrapper of `serve_webrtc` (for the CLI and scripts)."""
+    """Blocking wrapper of `serve_webrtc` (for the CLI and scripts); exits with status 2 on a setup error."""
+    from .engine import NemotronEngineError
+
     try:
         asyncio.run(serve_webrtc(host=host, port=port, model=model, chunk_ms=chunk_ms, language=language,
                                  device=device, llm=llm))
     except KeyboardInterrupt:
         pass
+    except (NemotronEngineError, ValueError) as error:
+        logger.error(f"serve-webrtc: {error}")
+        raise SystemExit(2) from None
 
 
 def _language(language: Language | str | None) -> Language | None:

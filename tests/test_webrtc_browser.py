@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi import Request  # module level: this file's annotations are strings (PEP 563)
 from pipecat.transcriptions.language import Language
 
 from pipecat_nemotron.engine import Engine, Final
-from pipecat_nemotron.webrtc_server import WebRTCServer, allow_loopback_ice_candidates
+from pipecat_nemotron.webrtc_server import LLMConfig, WebRTCServer, allow_loopback_ice_candidates
 from tiny import speechlike
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -159,7 +160,7 @@ class CDP:
 
 
 @contextlib.asynccontextmanager
-async def chromium(tmp_path: Path, fake_audio: Path):
+async def chromium(tmp_path: Path, fake_audio: Path, *, loop: bool = False):
     from websockets.asyncio.client import connect
 
     binary = require_chromium()
@@ -170,7 +171,7 @@ async def chromium(tmp_path: Path, fake_audio: Path):
             "--disable-default-apps", "--disable-extensions", "--mute-audio", "--disable-dev-shm-usage",
             f"--user-data-dir={profile}", "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1",
             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={fake_audio}%noloop",
+            f"--use-file-for-fake-audio-capture={fake_audio}{'' if loop else '%noloop'}",
             "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
             "about:blank"]
     log = open(tmp_path / "chromium.log", "wb")
@@ -215,9 +216,41 @@ async def until(condition, timeout: float, what: str):
         await asyncio.sleep(0.2)
 
 
-async def browser_call(tmp_path: Path, server: WebRTCServer, wav: Path, utterances: int, timeout: float):
+def add_fake_llm(server: WebRTCServer) -> list:
+    """An OpenAI-compatible streaming endpoint on the server's own app, answering "You said: <last user text>"."""
+    from fastapi.responses import StreamingResponse
+
+    requests = []
+
+    @server.app.post("/fake-llm/v1/chat/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        requests.append(body)
+        said = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+        said = said if isinstance(said, str) else " ".join(p.get("text", "") for p in said)
+
+        def chunk(delta, finish=None):
+            return "data: " + json.dumps({"id": "fake", "object": "chat.completion.chunk", "created": 0,
+                                          "model": "fake", "choices": [{"index": 0, "delta": delta,
+                                                                        "finish_reason": finish}]}) + "\n\n"
+
+        async def stream():
+            yield chunk({"role": "assistant", "content": "You said: "})
+            yield chunk({"content": said})
+            yield chunk({}, "stop")
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return requests
+
+
+async def browser_call(tmp_path: Path, server: WebRTCServer, wav: Path, utterances: int, timeout: float,
+                       bot_replies: int = 0, loop: bool = False):
     """Open the page, press the mic button, wait for `utterances` finals on the server; return the page finals."""
-    async with running_server(server) as url, chromium(tmp_path, wav) as page:
+    async with running_server(server) as url, chromium(tmp_path, wav, loop=loop) as page:
+        if bot_replies:
+            server.llm = LLMConfig(api_key="test-key", model="fake", base_url=f"{url}/fake-llm/v1")
         await page.call("Page.enable")
         await page.call("Page.navigate", url=f"{url}/?processing=0")
         await until(lambda: page.js("document.readyState === 'complete' && !!document.getElementById('mic')"),
@@ -234,10 +267,13 @@ async def browser_call(tmp_path: Path, server: WebRTCServer, wav: Path, utteranc
                                  f"{[(s.outcome, s.finals, s.errors) for s in server.sessions]}") from None
         spoken = [f for f in session.finals if f["text"]]
         await until(lambda: _page_count(page, len(spoken)), 10, "the page to show the finals")
+        await until(lambda: len(session.bot_replies) >= bot_replies, 15, f"{bot_replies} bot replies")
         shown = await page.js("window.nemotron.finals")
-        dom = await page.js("Array.from(document.querySelectorAll('#finals li')).map("
+        dom = await page.js("Array.from(document.querySelectorAll('#finals li:not(.bot)')).map("
                             "li => [li.querySelector('.lang').textContent, li.querySelector('.text').textContent])")
         status = await page.js("document.getElementById('status').textContent")
+        session.page_bot_lines = await page.js(
+            "Array.from(document.querySelectorAll('#finals li.bot .text')).map(e => e.textContent)")
         await page.js("document.getElementById('mic').click()")  # Stop: the server sees the browser leave
         await until(lambda: session.ended is not None, 15, "the session to end after Stop")
     return session, shown, dom, status
@@ -260,19 +296,22 @@ async def test_browser_call_transcripts_equal_engine_and_show_on_page(tmp_path, 
     require_chromium()
     rate = 48000
     silence = lambda s: np.zeros(int(s * rate), dtype=np.float32)  # noqa: E731
-    audio = np.concatenate([silence(0.8), speechlike(1.6, seed=21, rate=rate), silence(1.2),
+    audio = np.concatenate([silence(1.0), speechlike(1.6, seed=21, rate=rate), silence(1.2),
                             speechlike(1.4, seed=22, rate=rate), silence(1.5)])
     wav = write_wav(tmp_path / "call.wav", audio, rate)
     recorder = Recorder(tiny_engine)
     server = WebRTCServer(engine=tiny_engine, language=Language.EN_US, llm=None)
+    llm_requests = add_fake_llm(server)  # the bot answers through an OpenAI-compatible endpoint
 
     started = time.monotonic()
-    session, shown, dom, status = await browser_call(tmp_path, server, wav, utterances=2, timeout=40)
+    # the fake microphone loops the file: however long the call takes to connect, both utterances come round
+    session, shown, dom, status = await browser_call(tmp_path, server, wav, utterances=2, timeout=40,
+                                                     bot_replies=1, loop=True)
     elapsed = time.monotonic() - started
 
-    # what the server received: ~real-time 16 kHz audio with the speech in it (Opus-decoded, not equal)
+    # what the server received: real-time 16 kHz audio holding both utterances (Opus-decoded, so not equal).
     fed = recorder.audio.astype(np.float32) / 32768
-    assert len(fed) >= 0.9 * 16000 * len(audio) / rate * 0.8, (len(fed), elapsed)
+    assert len(fed) >= 16000 * (1.4 + 1.2 + 1.4), (len(fed) / 16000, elapsed)
     assert np.sqrt(np.mean(fed ** 2)) > 0.01, "the server received silence"
 
     # server transcript == the engine's own on the audio the service fed it
@@ -282,11 +321,18 @@ async def test_browser_call_transcripts_equal_engine_and_show_on_page(tmp_path, 
     assert len(got) >= 2 and any(got), got
     assert all(f["language"] == "en-US" for f in session.finals)
 
-    # the page shows each non-empty final, with its language
+    # the page shows each non-empty final, with its language (read before Stop: later finals may follow)
     spoken = [f for f in session.finals if f["text"]]
-    assert shown == spoken
-    assert dom == [["en-US", f["text"]] for f in spoken]
-    assert "Listening" in status and "en-US" in status
+    assert len(shown) >= 1 and shown == spoken[:len(shown)]
+    assert dom == [["en-US", f["text"]] for f in shown]
+    assert "Listening" in status and "en-US" in status and "LLM on" in status
+
+    # the LLM stage: it got the user's words and its answer reached the page
+    assert llm_requests and llm_requests[0]["model"] == "fake"
+    assert session.bot_replies and all(r.startswith("You said: ") for r in session.bot_replies)
+    assert session.page_bot_lines[:len(session.bot_replies)] == session.bot_replies
+    heard = " ".join(f["text"] for f in spoken)
+    assert all(r[len("You said: "):] in heard or heard in r for r in session.bot_replies), (session.bot_replies, heard)
     assert session.outcome.startswith("client left"), session.outcome
     assert not session.errors
 
@@ -300,7 +346,8 @@ def _demo_call(rate: int):
     picks = []
     for lang in ("en-US", "es-ES", "de-DE"):
         picks += [r for r in rows if r["lang"] == lang][:1]
-    parts = [np.zeros(int(0.8 * rate), dtype=np.float32)]
+    # Chromium starts the fake microphone at getUserMedia, ~1-2 s before the call connects: a 4 s lead-in
+    parts = [np.zeros(int(4.0 * rate), dtype=np.float32)]
     for row in picks:
         w = read_wav(HELDOUT / row["file"])
         parts += [soxr.resample(w.samples.astype(np.float32) / 32768, w.sample_rate, rate).astype(np.float32),
@@ -330,3 +377,11 @@ async def test_browser_call_demo_model_words_and_language(tmp_path):
     assert errors / words <= 0.35, (finals, [r["text"] for r in picks])
     assert [f["language"] for f in finals] == [r["lang"] for r in picks]
     assert dom == [[f["language"], f["text"]] for f in finals]
+
+
+def test_llm_config_from_env():
+    assert LLMConfig.from_env({}) is None
+    assert LLMConfig.from_env({"OPENAI_BASE_URL": "http://x/v1"}) is None  # no key: transcripts only
+    config = LLMConfig.from_env({"OPENAI_API_KEY": "k", "OPENAI_MODEL": "m", "NEMOTRON_LLM_BASE_URL": "http://l/v1"})
+    assert (config.api_key, config.model, config.base_url) == ("k", "m", "http://l/v1")
+    assert LLMConfig.from_env({"NEMOTRON_LLM_API_KEY": "a", "OPENAI_API_KEY": "b"}).api_key == "a"
