@@ -316,6 +316,21 @@ async def test_reinvite_hold_update_and_info(peer, rtp_peer):
         await server.stop()
 
 
+async def test_required_extension_420_and_rtp_port_range(peer, rtp_peer):
+    server = await start_server(rtp_ports=(40000, 40100))
+    try:
+        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        peer.send(dialog.request("INVITE", body=offer(rtp_peer.port), extra="Require: 100rel\r\n"), server.port)
+        rejected = await peer.expect(status=420)
+        assert rejected.get("Unsupported") == "100rel"
+        dialog.send("INVITE", body=offer(rtp_peer.port), extra="Require: timer\r\nSession-Expires: 1800\r\n")
+        ok = await peer.expect(status=200)
+        port = parse_sdp(ok.body).media[0].port
+        assert 40000 <= port <= 40100 and port % 2 == 0
+    finally:
+        await server.stop()
+
+
 async def test_call_limit_503_before_application_work(peer, rtp_peer):
     calls, on_call = calls_recorder()
     server = await start_server(on_call, max_calls=1)

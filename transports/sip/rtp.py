@@ -52,6 +52,13 @@ def g711_encode(pcm: bytes, codec: str) -> bytes:
     raise ValueError(f"unsupported codec {codec}")
 
 
+def _even_ports(ports: tuple[int, int], tries: int = 64) -> list[int]:
+    first, last = ports
+    evens = list(range(first + first % 2, last + 1, 2))
+    random.shuffle(evens)
+    return evens[:tries]
+
+
 class ReorderBuffer:
     """Puts RTP packets back in sequence order; a gap is given up once ``depth`` packets wait behind it.
 
@@ -176,12 +183,27 @@ class RtpSession(asyncio.DatagramProtocol):
         self._first = True
         self.local_address: tuple[str, int] | None = None
 
-    async def open(self, *, host: str, port: int = 0) -> tuple[str, int]:
-        """Bind the UDP socket; returns the local (host, port)."""
+    async def open(self, *, host: str, ports: tuple[int, int] | None = None) -> tuple[str, int]:
+        """Bind the UDP socket to an even port (RFC 3550 §11), within ``ports`` (first, last) if given.
+
+        Returns the local (host, port); OSError when no port of the range is free.
+        """
         loop = asyncio.get_running_loop()
-        self._transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
-        self.local_address = self._transport.get_extra_info("sockname")[:2]
-        return self.local_address
+        candidates = _even_ports(ports) if ports else [0] * 8
+        last_error: OSError | None = None
+        for attempt, port in enumerate(candidates):
+            try:
+                transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
+            except OSError as exc:
+                last_error = exc
+                continue
+            bound = transport.get_extra_info("sockname")[:2]
+            if bound[1] % 2 and attempt < len(candidates) - 1:
+                transport.close()  # an odd ephemeral port: try again for an even one (the last try keeps it)
+                continue
+            self._transport, self.local_address = transport, bound
+            return bound
+        raise last_error or OSError("no free even RTP port")
 
     def configure(self, negotiated: Negotiated) -> None:
         """Apply (or re-apply, after a re-INVITE) the negotiated codec, payload types and direction."""

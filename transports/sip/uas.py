@@ -33,6 +33,7 @@ from .sdp import Negotiated, SDPBuilder, SDPError, parse_sdp, read_answer
 ALLOWED_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "INFO", "UPDATE")
 KNOWN_NOT_ALLOWED = ("REGISTER", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER", "PRACK")
 RESPONSE_CACHE_SECS = 32.0
+SUPPORTED_EXTENSIONS = ("timer",)  # session-timer refreshes are answered (re-INVITE/UPDATE → 200)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class SIPConfig:
         t1, t2: RFC 3261 timers (retransmission start and cap).
         user_agent: Server / User-Agent header value.
         tcp: Also accept SIP over TCP on the same port (responses and our BYE go back on the connection).
+        rtp_ports: (first, last) UDP port range for RTP (firewall rules); None picks free even ports.
     """
 
     host: str = "0.0.0.0"
@@ -65,6 +67,7 @@ class SIPConfig:
     t2: float = 4.0
     user_agent: str = "pipecat-nemotron"
     tcp: bool = True
+    rtp_ports: tuple[int, int] | None = None
 
     def __post_init__(self):
         self._networks = [ipaddress.ip_network(p, strict=False) for p in self.allowed_peers]
@@ -347,7 +350,8 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
         return source[0], via.port or 5060
 
     def _response(self, request: SIPRequest, source: tuple[str, int], status: int, *, reason: str | None = None,
-                  to_tag: str | None = None, body: str | None = None, contact: bool = False) -> SIPResponse:
+                  to_tag: str | None = None, body: str | None = None, contact: bool = False,
+                  unsupported: str | None = None) -> SIPResponse:
         response = SIPResponse(status=status, reason=reason or REASONS.get(status, ""))
         vias = request.get_all("Via")
         top = parse_via(vias[0])
@@ -373,6 +377,11 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
             response.add("Contact", f"<sip:pipecat@{self._contact_host(source)}:{self.port}{tcp}>")
         if status in (200, 405):
             response.add("Allow", ", ".join(ALLOWED_METHODS))
+        if unsupported:
+            response.add("Unsupported", unsupported)
+        if status == 200 and request.method in ("INVITE", "OPTIONS"):
+            response.add("Supported", ", ".join(SUPPORTED_EXTENSIONS))
+            response.add("Accept", "application/sdp")
         response.add("Server", self.config.user_agent)
         if body is not None:
             response.add("Content-Type", "application/sdp")
@@ -409,6 +418,10 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
                 self._respond(request, source, 403)
                 if request.method == "INVITE":
                     self._log_rejected(request, source, "rejected 403 (peer not allowed)")
+            return
+        required = [o for o in request.get_all("Require") if o.lower() not in SUPPORTED_EXTENSIONS]
+        if required and request.method not in ("ACK", "CANCEL"):
+            self._respond(request, source, 420, unsupported=", ".join(required))
             return
         handler = getattr(self, f"_on_{request.method.lower()}", None)
         if request.method in ALLOWED_METHODS and handler is not None:
@@ -448,7 +461,7 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
         host = self._contact_host(source)
         bind = self.address[0] if self.address else host
         try:
-            _, rtp_port = await call.rtp.open(host=bind, port=0)
+            _, rtp_port = await call.rtp.open(host=bind, ports=self.config.rtp_ports)
             if call.state != "ringing":  # cancelled meanwhile
                 call.rtp.close()
                 return
@@ -460,6 +473,10 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
         except SDPError as exc:
             self._respond(request, source, 488, to_tag=call.local_tag)
             self._end(call, f"rejected 488 ({exc})")
+            return
+        except OSError as exc:
+            self._respond(request, source, 503, to_tag=call.local_tag, reason="Service Unavailable (no RTP port)")
+            self._end(call, f"rejected 503 (no RTP port: {exc})")
             return
         if self.config.send_ringing:
             self._respond(request, source, 180, to_tag=call.local_tag, contact=True)
