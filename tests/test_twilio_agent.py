@@ -29,6 +29,7 @@ with warnings.catch_warnings():  # stdlib on 3.11/3.12, the audioop-lts package 
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
+pytestmark = pytest.mark.timeout(120)  # a hung browser or socket fails, not blocks, the run
 EXAMPLE = Path(__file__).parent.parent / "examples" / "twilio_agent.py"
 STREAM_SID, CALL_SID, ACCOUNT_SID = "MZ0123456789abcdef0123456789abcdef", "CA0123456789abcdef", "AC0123456789abcdef"
 
