@@ -52,7 +52,7 @@ class Peer(asyncio.DatagramProtocol):
         deadline = loop.time() + timeout
         while True:
             data, _ = await asyncio.wait_for(self.inbox.get(), max(0.01, deadline - loop.time()))
-            message = parse_message(data)
+            message = parse_message(data)  # the server must only ever send well-formed SIP
             if message is None:
                 continue
             if status is not None and isinstance(message, SIPResponse) and message.status == status:
@@ -453,6 +453,41 @@ async def test_malformed_input_never_breaks_the_server(peer, junk):
         dialog.send("OPTIONS")
         assert (await peer.expect(status=200)).call_id == dialog.call_id
     finally:
+        await server.stop()
+
+
+async def test_mutated_messages_fuzz(peer):
+    """Hundreds of randomly corrupted requests: answered or dropped, never an error inside the server."""
+    import random
+
+    from loguru import logger
+
+    errors = []
+    sink = logger.add(lambda message: errors.append(message), level="ERROR")
+    server = await start_server(t1=0.05)
+    try:
+        rng = random.Random(5)
+        for i in range(300):
+            dialog = Dialog(peer, server.port, rtp_port=4000)
+            method = rng.choice(["INVITE", "OPTIONS", "BYE", "CANCEL", "ACK", "INFO"])
+            data = bytearray(dialog.request(method, body=offer(4000) if method == "INVITE" else "").encode())
+            for _ in range(rng.randint(1, 4)):
+                pos = rng.randrange(len(data))
+                if rng.random() < 0.5:
+                    data[pos] = rng.randrange(256)
+                else:
+                    data[pos:pos] = rng.choice([b":", b";", b"<", b"\r\n", b" ", b"\x00", b";tag=x", b","])
+            peer.send(bytes(data), server.port)
+            if i % 50 == 0:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        dialog = Dialog(peer, server.port)
+        dialog.send("OPTIONS")
+        while (await peer.expect(status=200, timeout=5)).call_id != dialog.call_id:
+            pass  # 200s to fuzzed requests that were still valid
+        assert errors == []
+    finally:
+        logger.remove(sink)
         await server.stop()
 
 

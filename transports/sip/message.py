@@ -183,8 +183,11 @@ def _decode_head(head: bytes) -> list[str]:
         raise SIPParseError(f"headers are not UTF-8 (binary junk?) at byte {exc.start}") from None
     if any(ord(c) < 32 and c not in "\t\r\n" for c in text):
         raise SIPParseError("control characters in the headers")
+    text = text.replace("\r\n", "\n")
+    if "\r" in text:
+        raise SIPParseError("bare CR in the headers")
     lines: list[str] = []
-    for line in text.replace("\r\n", "\n").split("\n"):
+    for line in text.split("\n"):
         if line[:1] in (" ", "\t") and lines:  # header folding (RFC 3261 §7.3.1)
             lines[-1] += " " + line.strip()
         else:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from loguru import logger
 
 from .message import (MAX_MESSAGE_SIZE, REASONS, SIPMessage, SIPParseError, SIPRequest, SIPResponse, parse_address,
-                      parse_message, parse_stream, parse_via, uri_host_port)
+                      parse_cseq, parse_message, parse_stream, parse_via, uri_host_port)
 from .rtp import RtpSession
 from .sdp import Negotiated, SDPBuilder, SDPError, parse_sdp, read_answer
 
@@ -262,6 +262,9 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
             logger.warning(f"SIP from {source[0]}:{source[1]} malformed ({exc}); {len(data)} bytes")
             self._answer_malformed(data, source, exc)
             return
+        except Exception:  # a parser bug must not take the server down
+            logger.exception(f"SIP from {source[0]}:{source[1]} could not be parsed")
+            return
         if message is None:  # CRLF keep-alive (RFC 5626 §4.4.1): answer with a single CRLF
             if data.startswith(b"\r\n\r\n"):
                 self._send_raw(b"\r\n", source)
@@ -277,7 +280,10 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
         except SIPParseError as exc:
             logger.warning(f"SIP {getattr(message, 'method', 'response')} from {source}: {exc}")
             if isinstance(message, SIPRequest) and message.method != "ACK":
-                self._respond(message, source, 400, reason=f"Bad Request ({exc})"[:120])
+                try:
+                    self._respond(message, source, 400, reason=f"Bad Request ({exc})"[:120])
+                except SIPParseError:
+                    pass  # not even a 400 can be addressed: dropped
         except Exception:
             logger.exception(f"SIP message from {source} failed")
 
@@ -313,6 +319,8 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
         try:
             head = data.split(b"\r\n\r\n", 1)[0][:8192].decode("utf-8")
             lines = head.split("\r\n")
+            if any(ord(c) < 32 and c != "\t" for line in lines for c in line):
+                return  # binary junk or bare CR/LF: nothing safe to echo back
             if lines[0].startswith("SIP/2.0") or lines[0].split(" ")[0] == "ACK":
                 return
             request = SIPRequest(method=lines[0].split(" ")[0], uri="sip:x")
@@ -321,7 +329,10 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
                 if sep:
                     request.add(name, value.strip())
             if request.get("Via") and request.get("Call-ID") and request.get("CSeq") and request.get("From"):
-                parse_via(request.get_all("Via")[0])
+                parse_via(request.get_all("Via")[0])  # these raise when the 400 could not be matched anyway
+                parse_cseq(request.get("CSeq"))
+                parse_address(request.get("From"))
+                parse_address(request.get("To") or "")
                 self._respond(request, source, 400, reason=f"Bad Request ({error})"[:120])
         except Exception:
             pass  # not even that much is readable: drop
