@@ -272,8 +272,16 @@ def main() -> None:
 
     from pipecat_nemotron.languages import locale_to_language
 
+    from pipecat_nemotron.engine import NemotronEngineError
+
     language = None if args.language == "auto" else locale_to_language(args.language)
-    app = create_app(model=args.model, chunk_ms=args.chunk_ms, language=language, device=args.device,
+    try:  # load before listening: a missing model is one clear error, not a traceback on the first call
+        logger.info(f"loading {args.model} ({args.chunk_ms} ms chunks)…")
+        engine = Engine.shared(model=args.model, chunk_ms=args.chunk_ms, device=args.device,
+                               max_streams=args.max_calls).wait_ready()
+    except NemotronEngineError as error:
+        raise SystemExit(f"error: {error}") from None
+    app = create_app(engine=engine, chunk_ms=args.chunk_ms, language=language, device=args.device,
                      auto_hang_up=not args.no_hang_up, public_host=args.public_host, max_calls=args.max_calls,
                      chime_back=not args.no_chime)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
