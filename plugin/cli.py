@@ -98,6 +98,24 @@ def transcribe(
     engine.close()
 
 
+@app.command("serve-webrtc")
+def serve_webrtc(
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(7860),
+    model: str = typer.Option("nvidia/nemotron-3.5-asr-streaming-0.6b", help="Hugging Face id, .nemo path, or 'demo'"),
+    chunk_ms: int = typer.Option(160, help="80, 160, 320, 560 or 1120"),
+    language: str = typer.Option("auto", help="a locale such as en-US, or 'auto' to detect"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    llm: Optional[bool] = typer.Option(None, "--llm/--no-llm",
+                                       help="answer with an LLM (default: when NEMOTRON_LLM_API_KEY/OPENAI_API_KEY is set)"),
+):
+    """A browser page where a person talks and sees live transcripts (WebRTC, http://HOST:PORT/)."""
+    logging.basicConfig(level=logging.INFO)
+    from .webrtc_server import run_webrtc_server
+
+    run_webrtc_server(host=host, port=port, model=model, chunk_ms=chunk_ms, language=language, device=device, llm=llm)
+
+
 @app.command()
 def languages():
     """List the model's 40 locales with their support tier and Pipecat Language."""
