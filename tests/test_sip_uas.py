@@ -168,7 +168,9 @@ async def test_invite_answer_ack_then_caller_bye(peer, rtp_peer):
     server = await start_server(on_call)
     try:
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
-        dialog.invite()
+        dialog.invite_branch = "z9hG4bKpai"
+        peer.send(dialog.request("INVITE", body=offer(rtp_peer.port), branch=dialog.invite_branch,
+                                 extra='P-Asserted-Identity: "Alice" <sip:+15551234@example.com>\r\n'), server.port)
         trying = await peer.expect(status=100)
         assert parse_address(trying.get("To")).tag is None  # no To-tag on 100
         ringing = await peer.expect(status=180)
@@ -185,6 +187,7 @@ async def test_invite_answer_ack_then_caller_bye(peer, rtp_peer):
         await until(lambda: calls and calls[0].state == "confirmed")
         call = calls[0]
         assert call.identity["caller"] == "sip:caller@example.com" and call.caller_name == "Test Caller"
+        assert call.identity["asserted_identity"] == "sip:+15551234@example.com"
         data, _ = await asyncio.wait_for(rtp_peer.inbox.get(), 1)  # our continuous RTP reaches the caller
         assert RtpPacket.parse(data).payload_type == 0
         dialog.send("BYE")
@@ -404,6 +407,26 @@ async def test_max_call_length(peer, rtp_peer):
         dialog.ack()
         await peer.expect(method="BYE", timeout=2)
         assert calls[0].outcome == "max call length"
+    finally:
+        await server.stop()
+
+
+async def test_rtp_timeout_hangs_up_unless_on_hold(peer, rtp_peer):
+    calls, on_call = calls_recorder()
+    server = await start_server(on_call, rtp_timeout_secs=0.4)
+    try:
+        held = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        held.invite(direction="inactive")
+        held.take_tag(await peer.expect(status=200))
+        held.ack()
+        silent = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        silent.invite()
+        silent.take_tag(await peer.expect(status=200))
+        silent.ack()
+        bye = await peer.expect(method="BYE", timeout=3)
+        assert bye.call_id == silent.call_id
+        by_id = {call.call_id: call for call in calls}
+        assert by_id[silent.call_id].outcome.startswith("RTP timeout") and by_id[held.call_id].active
     finally:
         await server.stop()
 

@@ -182,6 +182,7 @@ class RtpSession(asyncio.DatagramProtocol):
         self._timestamp = random.getrandbits(32)
         self._first = True
         self.local_address: tuple[str, int] | None = None
+        self.last_received: float | None = None  # loop time of the last accepted packet
 
     async def open(self, *, host: str, ports: tuple[int, int] | None = None) -> tuple[str, int]:
         """Bind the UDP socket to an even port (RFC 3550 §11), within ``ports`` (first, last) if given.
@@ -312,6 +313,7 @@ class RtpSession(asyncio.DatagramProtocol):
             self.stats.ignored += 1
             return
         self.stats.packets_in += 1
+        self.last_received = asyncio.get_running_loop().time()
         if packet.ssrc != self._remote_ssrc:
             self._remote_ssrc = packet.ssrc
             self._reorder.reset()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from loguru import logger
 
 from .message import (MAX_MESSAGE_SIZE, REASONS, SIPMessage, SIPParseError, SIPRequest, SIPResponse, parse_address,
-                      parse_cseq, parse_message, parse_stream, parse_via, uri_host_port)
+                      parse_cseq, parse_message, parse_stream, parse_via, split_list, uri_host_port)
 from .rtp import RtpSession
 from .sdp import Negotiated, SDPBuilder, SDPError, parse_sdp, read_answer
 
@@ -47,6 +47,8 @@ class SIPConfig:
         max_calls: Concurrent calls; beyond it INVITEs get 503 before any application work.
         allowed_peers: Addresses or networks (``"10.0.0.0/8"``) that may call; empty allows everyone.
         max_call_secs: Calls are hung up (BYE) after this long; None for no limit.
+        rtp_timeout_secs: Hang up when no RTP arrived for this long while the caller should be sending
+            (not on hold); None to never. Catches callers that vanished without a BYE.
         ring_secs: Time between 180 Ringing and 200 OK.
         send_ringing: Send 180 Ringing before answering.
         t1, t2: RFC 3261 timers (retransmission start and cap).
@@ -61,6 +63,7 @@ class SIPConfig:
     max_calls: int = 16
     allowed_peers: tuple[str, ...] = ()
     max_call_secs: float | None = 4 * 3600
+    rtp_timeout_secs: float | None = 60.0
     ring_secs: float = 0.0
     send_ringing: bool = True
     t1: float = 0.5
@@ -120,6 +123,8 @@ class SIPCall:
         self.caller_uri = caller.uri
         self.caller_name = caller.display_name
         self.called_uri = parse_address(invite.get("To")).uri
+        asserted = invite.get("P-Asserted-Identity")
+        self.asserted_identity = parse_address(split_list(asserted)[0]).uri if asserted else None
         self.remote_address = source
         self.remote_tag = caller.tag or ""
         self.local_tag = _tag()
@@ -145,9 +150,10 @@ class SIPCall:
 
     @property
     def identity(self) -> dict:
-        """Who is calling: From URI and display name, Call-ID, remote address."""
+        """Who is calling: From URI and display name, P-Asserted-Identity, Call-ID, remote address."""
         return {"call_id": self.call_id, "caller": self.caller_uri, "display_name": self.caller_name,
-                "called": self.called_uri, "remote_address": f"{self.remote_address[0]}:{self.remote_address[1]}"}
+                "called": self.called_uri, "asserted_identity": self.asserted_identity,
+                "remote_address": f"{self.remote_address[0]}:{self.remote_address[1]}"}
 
     @property
     def active(self) -> bool:
@@ -507,6 +513,8 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
         if self.config.max_call_secs:
             call._timers.append(asyncio.get_running_loop().call_later(
                 self.config.max_call_secs, lambda: call._spawn(self.hangup(call, "max call length"))))
+        if self.config.rtp_timeout_secs:
+            call._spawn(self._watch_rtp(call, self.config.rtp_timeout_secs))
         if self.on_call is not None:
             self._spawn(self._run_application(call))
 
@@ -527,6 +535,21 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
         if call.active and not call.confirmed.is_set():
             call.confirmed.set()  # let the BYE go out (RFC 3261 §13.3.1.4)
             await self.hangup(call, "no ACK")
+
+    async def _watch_rtp(self, call: SIPCall, timeout: float) -> None:
+        """BYE when the caller should be sending RTP but nothing arrived for ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
+        while call.active:
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            n = call.negotiated
+            expecting = n is not None and n.direction in ("sendrecv", "recvonly")
+            last = max(call.rtp.last_received or 0.0, quiet_since)
+            if not expecting:
+                quiet_since = loop.time()  # on hold: the clock starts again when the call resumes
+            elif loop.time() - last > timeout and call.active:
+                await self.hangup(call, f"RTP timeout ({timeout:g} s without media)")
+                return
 
     async def _run_application(self, call: SIPCall) -> None:
         try:
