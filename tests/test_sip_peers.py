@@ -36,6 +36,8 @@ SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
 needs_sipp = pytest.mark.skipif(shutil.which("sipp") is None,
                                 reason="sipp binary missing (Debian sip-tester); run scripts/setup-system.sh")
+needs_kamailio = pytest.mark.skipif(shutil.which("kamailio") is None and not Path("/usr/sbin/kamailio").exists(),
+                                    reason="kamailio binary missing; run scripts/setup-system.sh")
 needs_baresip = pytest.mark.skipif(shutil.which("baresip") is None,
                                    reason="baresip binary missing; run scripts/setup-system.sh")
 
@@ -271,6 +273,44 @@ async def test_sipp_over_call_limit_503(tmp_path):
         assert status == 0, log
         assert (await first)[0] == 0 and len(calls) == 1
     finally:
+        await server.stop()
+
+
+@needs_sipp
+@needs_kamailio
+async def test_through_a_record_routing_proxy_bot_bye_follows_the_route_set(tmp_path):
+    """sipp → Kamailio (record_route) → bot: the ACK and the bot's BYE travel through the proxy."""
+    module_dirs = sorted(Path("/usr/lib").glob("*/kamailio/modules")) + [Path("/usr/lib/kamailio/modules")]
+    module_path = next(d for d in module_dirs if (d / "tm.so").exists())
+    collector = Collector()
+    calls = []
+
+    async def on_call(call):
+        calls.append(call)
+        await call.confirmed.wait()
+        await run_pipeline(call, collector, bot_hangs_up_after=0.3)
+
+    server = await start_server(on_call, t1=0.2)  # a lost ACK would show as a "no ACK" outcome within 12.8 s
+    proxy_port = free_port()
+    config = (SCENARIOS / "kamailio-proxy.cfg").read_text().replace("TARGET_PORT", str(server.port)) \
+        .replace("PROXY_PORT", str(proxy_port)).replace("MODULE_PATH", str(module_path))
+    (tmp_path / "proxy.cfg").write_text(config)
+    kamailio = shutil.which("kamailio") or "/usr/sbin/kamailio"
+    proxy = await asyncio.create_subprocess_exec(
+        kamailio, "-f", str(tmp_path / "proxy.cfg"), "-DD", "-E", "-w", str(tmp_path), "-Y", str(tmp_path),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        await asyncio.sleep(0.5)
+        assert proxy.returncode is None, (await proxy.stderr.read()).decode(errors="replace")[-2000:]
+        status, log = await sipp("uac_server_bye", proxy_port, tmp_path=tmp_path)
+        assert status == 0, log
+        call = calls[0]
+        assert call.outcome == "bot hung up"
+        assert len(call.invite.get_all("Via")) == 2 and call.route_set
+        assert str(proxy_port) in call.route_set[0]
+    finally:
+        proxy.terminate()
+        await proxy.wait()
         await server.stop()
 
 
