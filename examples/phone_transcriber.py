@@ -6,7 +6,8 @@
 Point a trunk or PBX at it (Asterisk: ``direct_media=no``, ``rtp_symmetric=yes``, ``dtmf_mode=rfc4733``;
 FreeSWITCH / Kamailio: route to ``sip:transcriber@HOST:PORT``). Per call the pipeline is::
 
-    transport.input() → VADProcessor(WebRTCVADAnalyzer) → NemotronSTTService → TranscriptWriter → transport.output()
+    transport.input() → VADProcessor(WebRTCVADAnalyzer) → NemotronSTTService → TranscriptWriter
+                      → transport.output()
 
 Every call shares one engine (loaded at start-up, so calls are batched into one model step). The JSON line has the
 call id, caller, language, text and times; the server logs one line per call with its outcome. ``--greeting``
