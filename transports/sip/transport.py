@@ -35,9 +35,11 @@ OUTPUT_AHEAD_SECS = 0.1  # how much bot audio may wait in the RTP queue (keeps i
 
 
 def default_params() -> TransportParams:
-    """8 kHz mono in and out, as G.711 carries it."""
+    """8 kHz mono in and out, as G.711 carries it; 0.5 s of silence after the bot's last words before the BYE
+    (enough for the far end's jitter buffer to play them out; pipecat's default is 2 s)."""
     return TransportParams(audio_in_enabled=True, audio_out_enabled=True, audio_in_sample_rate=SAMPLE_RATE,
-                           audio_out_sample_rate=SAMPLE_RATE, audio_in_channels=1, audio_out_channels=1)
+                           audio_out_sample_rate=SAMPLE_RATE, audio_in_channels=1, audio_out_channels=1,
+                           audio_out_end_silence_secs=0.5)
 
 
 class SIPInputTransport(BaseInputTransport):

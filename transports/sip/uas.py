@@ -748,6 +748,10 @@ class SIPUserAgentServer(asyncio.DatagramProtocol):
         call.state, call.outcome, call.ended_at = "ended", outcome, time.time()
         for timer in call._timers:
             timer.cancel()
+        current = asyncio.current_task()
+        for task in list(call._tasks):  # retransmissions and watchers of this call
+            if task is not current:
+                task.cancel()
         call.rtp.close()
         call.ended.set()
         call.confirmed.set()
