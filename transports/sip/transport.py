@@ -32,14 +32,15 @@ from .rtp import SAMPLE_RATE
 from .uas import OnCall, SIPCall, SIPConfig, SIPUserAgentServer
 
 OUTPUT_AHEAD_SECS = 0.1  # how much bot audio may wait in the RTP queue (keeps interruptions quick)
+HANGUP_TAIL_SECS = 0.3  # after the bot's last packet, time for the far end's jitter buffer to play it out
 
 
 def default_params() -> TransportParams:
-    """8 kHz mono in and out, as G.711 carries it; 0.5 s of silence after the bot's last words before the BYE
-    (enough for the far end's jitter buffer to play them out; pipecat's default is 2 s)."""
+    """8 kHz mono in and out, as G.711 carries it. No end silence from the base class (its default is 2 s):
+    the RTP session keeps sending silence itself and the output waits ``HANGUP_TAIL_SECS`` before the BYE."""
     return TransportParams(audio_in_enabled=True, audio_out_enabled=True, audio_in_sample_rate=SAMPLE_RATE,
                            audio_out_sample_rate=SAMPLE_RATE, audio_in_channels=1, audio_out_channels=1,
-                           audio_out_end_silence_secs=0.5)
+                           audio_out_end_silence_secs=0)
 
 
 class SIPInputTransport(BaseInputTransport):
@@ -123,7 +124,9 @@ class SIPOutputTransport(BaseOutputTransport):
 
     async def stop(self, frame: EndFrame):
         await super().stop(frame)
-        await self._call.rtp.drain(timeout=10.0)
+        if self._call.active:
+            await self._call.rtp.drain(timeout=10.0)
+            await asyncio.sleep(HANGUP_TAIL_SECS)
         await self._call.hangup("bot hung up")
 
     async def cancel(self, frame: CancelFrame):
