@@ -334,6 +334,29 @@ async def test_required_extension_420_and_rtp_port_range(peer, rtp_peer):
         await server.stop()
 
 
+async def test_reinvite_to_new_media_address_relatches(peer, rtp_peer):
+    calls, on_call = calls_recorder()
+    server = await start_server(on_call)
+    moved = await Peer.open()
+    try:
+        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        dialog.invite()
+        dialog.take_tag(await peer.expect(status=200))
+        dialog.ack()
+        _, server_rtp = await asyncio.wait_for(rtp_peer.inbox.get(), 2)
+        rtp_peer.send(rtp(1), server_rtp[1])
+        await until(lambda: calls and calls[0].rtp.latched == (HOST, rtp_peer.port))
+        dialog.send("INVITE", body=offer(moved.port))  # e.g. the PBX moved the media to another endpoint
+        await peer.expect(status=200)
+        dialog.ack()
+        await asyncio.wait_for(moved.inbox.get(), 1)  # our RTP now goes to the new address
+        moved.send(rtp(2), server_rtp[1])
+        await until(lambda: calls[0].rtp.latched == (HOST, moved.port))
+    finally:
+        moved.close()
+        await server.stop()
+
+
 async def test_call_limit_503_before_application_work(peer, rtp_peer):
     calls, on_call = calls_recorder()
     server = await start_server(on_call, max_calls=1)

@@ -207,7 +207,13 @@ class RtpSession(asyncio.DatagramProtocol):
         raise last_error or OSError("no free even RTP port")
 
     def configure(self, negotiated: Negotiated) -> None:
-        """Apply (or re-apply, after a re-INVITE) the negotiated codec, payload types and direction."""
+        """Apply (or re-apply, after a re-INVITE) the negotiated codec, payload types and direction.
+
+        A new remote media address (the call was moved to another media endpoint) releases the latch, so
+        the next source is latched afresh.
+        """
+        if self.negotiated is not None and self.negotiated.remote != negotiated.remote:
+            self.latched = None
         self.negotiated = negotiated
 
     def start(self) -> None:
