@@ -114,3 +114,34 @@ async def test_symmetric_rtp_latching_and_continuous_sending():
         session.close()
         peer.close()
         other.close()
+
+
+async def test_rfc4733_sending_round_trips_through_the_decoder():
+    session = RtpSession()
+    await session.open(host="127.0.0.1")
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.setblocking(False)
+    try:
+        session.configure(Negotiated(codec="PCMA", payload_type=8, dtmf_payload_type=96, remote_host="127.0.0.1",
+                                     remote_port=peer.getsockname()[1], direction="sendrecv"))
+        assert session.send_dtmf("5", duration_ms=60) and session.send_dtmf("#", duration_ms=40)
+        for _ in range(12):
+            session.send_packet()
+        packets = [RtpPacket.parse(peer.recv(2048)) for _ in range(12)]
+        events = [p for p in packets if p.payload_type == 96]
+        assert len(events) == 3 + 3 + 2 + 3  # per digit: duration packets, then three end packets
+        assert events[0].marker == 1 and len({p.timestamp for p in events[:6]}) == 1
+        assert events[0].timestamp != events[6].timestamp
+        decoder = DTMFDecoder()
+        digits = [d for p in events for d in decoder.feed(p.payload, p.timestamp)]
+        assert digits == ["5", "#"]
+        assert [p.payload_type for p in packets[11:]] == [8]  # audio (silence) resumes
+        assert not session.dtmf_pending
+        session.configure(Negotiated(codec="PCMU", payload_type=0, dtmf_payload_type=None,
+                                     remote_host="127.0.0.1", remote_port=peer.getsockname()[1],
+                                     direction="sendrecv"))
+        assert not session.send_dtmf("1")  # no telephone-event offered
+    finally:
+        session.close()
+        peer.close()

@@ -567,7 +567,7 @@ def rtp(seq, *, pt=0, payload=b"\x7f" * 160, ts=None, marker=0):
                      marker=marker, payload=payload).serialize()
 
 
-async def run_call_pipeline(call, collector, *, bot_audio: bytes = b"", bot_ends: bool = False):
+async def run_call_pipeline(call, collector, *, bot_audio: bytes = b"", bot_ends: bool = False, bot_frames=()):
     transport = SIPCallTransport(call=call)
     events = []
 
@@ -585,9 +585,12 @@ async def run_call_pipeline(call, collector, *, bot_audio: bytes = b"", bot_ends
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
     run = asyncio.ensure_future(runner.run())
-    if bot_audio:
+    if bot_audio or bot_frames:
         await until(lambda: any(isinstance(f, StartFrame) for f in collector.frames))
+    if bot_audio:
         await worker.queue_frame(OutputAudioRawFrame(audio=bot_audio, sample_rate=8000, num_channels=1))
+    for frame in bot_frames:
+        await worker.queue_frame(frame)
     if bot_ends:
         await worker.queue_frame(EndFrame())
     await asyncio.wait_for(run, 15)
@@ -702,4 +705,36 @@ async def test_sip_over_tcp(rtp_peer):
         assert parse_via(bye.get_all("Via")[0]).transport == "TCP"
     finally:
         writer.close()
+        await server.stop()
+
+
+async def test_bot_dtmf_goes_out_as_rfc4733_events(peer, rtp_peer):
+    from pipecat.audio.dtmf.types import KeypadEntry
+    from pipecat.frames.frames import OutputDTMFFrame
+
+    from pipecat_nemotron.transports.sip.rtp import DTMFDecoder
+
+    done = asyncio.Event()
+
+    async def on_call(call):
+        await call.confirmed.wait()
+        await run_call_pipeline(call, Collector(), bot_ends=True,
+                                bot_frames=[OutputDTMFFrame(buttons=[KeypadEntry.ONE, KeypadEntry.POUND])])
+        done.set()
+
+    server = await start_server(on_call)
+    try:
+        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+        dialog.invite()
+        dialog.take_tag(await peer.expect(status=200))
+        dialog.ack()
+        await peer.expect(method="BYE", timeout=10)
+        await asyncio.wait_for(done.wait(), 5)
+        decoder, digits = DTMFDecoder(), []
+        while not rtp_peer.inbox.empty():
+            packet = RtpPacket.parse(rtp_peer.inbox.get_nowait()[0])
+            if packet.payload_type == 101:
+                digits += decoder.feed(packet.payload, packet.timestamp)
+        assert digits == ["1", "#"]
+    finally:
         await server.stop()

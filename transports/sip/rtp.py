@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import struct
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -148,6 +149,14 @@ class DTMFDecoder:
 
 
 @dataclass
+class _DTMFEvent:
+    code: int
+    packets: int
+    sent: int = 0
+    timestamp: int = 0
+
+
+@dataclass
 class RtpStats:
     """Counters for the call log line."""
 
@@ -183,6 +192,7 @@ class RtpSession(asyncio.DatagramProtocol):
         self._first = True
         self.local_address: tuple[str, int] | None = None
         self.last_received: float | None = None  # loop time of the last accepted packet
+        self._dtmf_queue: deque[_DTMFEvent] = deque()
 
     async def open(self, *, host: str, ports: tuple[int, int] | None = None) -> tuple[str, int]:
         """Bind the UDP socket to an even port (RFC 3550 §11), within ``ports`` (first, last) if given.
@@ -264,17 +274,50 @@ class RtpSession(asyncio.DatagramProtocol):
             chunk += bytes(BYTES_PER_PACKET - len(chunk))
         return g711_encode(chunk, self.negotiated.codec)
 
+    def send_dtmf(self, digit: str, *, duration_ms: int = 100) -> bool:
+        """Queue an RFC 4733 event (0-9 * # A-D); False when the caller offered no telephone-event."""
+        n = self.negotiated
+        if n is None or n.dtmf_payload_type is None or digit.upper() not in DTMF_EVENTS:
+            return False
+        self._dtmf_queue.append(_DTMFEvent(code=DTMF_EVENTS.index(digit.upper()),
+                                           packets=max(1, duration_ms // 20)))
+        return True
+
+    @property
+    def dtmf_pending(self) -> bool:
+        return bool(self._dtmf_queue)
+
+    def _next_dtmf(self) -> tuple[int, int, bytes, int] | None:
+        """(payload type, timestamp, payload, marker) of the event packet due now, if an event is playing."""
+        if not self._dtmf_queue:
+            return None
+        event = self._dtmf_queue[0]
+        if event.sent == 0:
+            event.timestamp = self._timestamp
+        event.sent += 1
+        end = event.sent > event.packets  # then three end packets with the final duration (RFC 4733 §2.5.1.4)
+        duration = min(event.sent, event.packets) * SAMPLES_PER_PACKET
+        payload = struct.pack("!BBH", event.code, (0x80 if end else 0) | 10, duration)
+        if event.sent >= event.packets + 3:
+            self._dtmf_queue.popleft()
+        return self.negotiated.dtmf_payload_type, event.timestamp, payload, int(event.sent == 1)
+
     def send_packet(self) -> None:
-        """Send one 20 ms packet now (queued audio or silence)."""
+        """Send one 20 ms packet now: a DTMF event packet, queued audio, or silence."""
         destination = self._destination()
         if destination is None or self._transport is None:
             del self._out[:BYTES_PER_PACKET]
             return
-        packet = RtpPacket(payload_type=self.negotiated.payload_type, marker=int(self._first),
-                           sequence_number=self._seq, timestamp=self._timestamp, ssrc=self._ssrc,
-                           payload=self._next_payload())
+        dtmf = self._next_dtmf()
+        if dtmf is not None:  # the bot's audio waits while a digit plays
+            pt, timestamp, payload, marker = dtmf
+        else:
+            pt, timestamp, payload = self.negotiated.payload_type, self._timestamp, self._next_payload()
+            marker = int(self._first)
+            self._first = False
+        packet = RtpPacket(payload_type=pt, marker=marker, sequence_number=self._seq, timestamp=timestamp,
+                           ssrc=self._ssrc, payload=payload)
         self._transport.sendto(packet.serialize(), destination)
-        self._first = False
         self._seq = (self._seq + 1) & 0xFFFF
         self._timestamp = (self._timestamp + SAMPLES_PER_PACKET) & 0xFFFFFFFF
         self.stats.packets_out += 1

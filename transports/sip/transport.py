@@ -22,7 +22,8 @@ from loguru import logger
 from pipecat.audio.dtmf.types import KeypadEntry
 from pipecat.audio.utils import create_stream_resampler
 from pipecat.frames.frames import (CancelFrame, EndFrame, EndWorkerFrame, InputAudioRawFrame, InputDTMFFrame,
-                                   InterruptionFrame, OutputAudioRawFrame, StartFrame)
+                                   InterruptionFrame, OutputAudioRawFrame, OutputDTMFFrame, OutputDTMFUrgentFrame,
+                                   StartFrame)
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.transports.base_input import BaseInputTransport
 from pipecat.transports.base_output import BaseOutputTransport
@@ -137,6 +138,17 @@ class SIPOutputTransport(BaseOutputTransport):
         await super().process_frame(frame, direction)
         if isinstance(frame, InterruptionFrame):
             self._call.rtp.clear_output()
+
+    def _supports_native_dtmf(self) -> bool:
+        n = self._call.negotiated
+        return n is not None and n.dtmf_payload_type is not None
+
+    async def _write_dtmf_native(self, frame: OutputDTMFFrame | OutputDTMFUrgentFrame):
+        """RFC 4733 events on the caller's telephone-event payload type (else pipecat plays tones in-band)."""
+        for button in frame.buttons or []:
+            self._call.rtp.send_dtmf(button.value)
+        while self._call.active and self._call.rtp.dtmf_pending:
+            await asyncio.sleep(0.02)
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
         if not self._call.active:
