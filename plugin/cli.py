@@ -116,6 +116,19 @@ def serve_webrtc(
     run_webrtc_server(host=host, port=port, model=model, chunk_ms=chunk_ms, language=language, device=device, llm=llm)
 
 
+@app.command("serve-sip", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve_sip(ctx: typer.Context):
+    """Answer SIP calls directly (UDP/TCP) and write one JSON line per final transcript.
+
+    Options: --host --port --advertise --model --chunk-ms --language --device --max-calls --allow
+    --max-call-secs --greeting --output (see `pipecat-nemotron serve-sip --help-sip`).
+    """
+    from .phone import main as phone_main
+
+    args = ["--help" if arg == "--help-sip" else arg for arg in ctx.args]
+    phone_main(args)
+
+
 @app.command()
 def languages():
     """List the model's 40 locales with their support tier and Pipecat Language."""

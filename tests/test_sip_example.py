@@ -1,8 +1,8 @@
-"""examples/phone_transcriber.py end to end over SIP, with a fake STT (no ASR model is loaded)."""
+"""The phone transcriber (`pipecat-nemotron serve-sip`, examples/phone_transcriber.py) end to end over SIP,
+with a fake STT (no ASR model is loaded)."""
 
 import argparse
 import asyncio
-import importlib.util
 import io
 import json
 import socket
@@ -16,14 +16,10 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transcriptions.language import Language
 from test_sip_uas import HOST, Dialog, Peer
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "phone_transcriber.py"
-
-
 def load_example():
-    spec = importlib.util.spec_from_file_location("phone_transcriber", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from pipecat_nemotron import phone
+
+    return phone
 
 
 class FakeSTT(FrameProcessor):

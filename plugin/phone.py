@@ -1,0 +1,187 @@
+"""Phone transcriber: answer SIP calls directly and write one JSON line per final transcript.
+
+    pipecat-nemotron serve-sip --port 5060 --model demo --output calls.jsonl
+    pipecat-nemotron serve-sip --allow 10.0.0.0/8 --max-calls 8 --greeting hello.wav
+
+Point a trunk or PBX at it (Asterisk: ``direct_media=no``, ``rtp_symmetric=yes``, ``dtmf_mode=rfc4733``;
+FreeSWITCH / Kamailio: route to ``sip:transcriber@HOST:PORT``). Per call the pipeline is::
+
+    transport.input() → VADProcessor(WebRTCVADAnalyzer) → NemotronSTTService → TranscriptWriter
+                      → transport.output()
+
+Every call shares one engine (loaded at start-up, so calls are batched into one model step). The JSON line has the
+call id, caller, language, text and times; the server logs one line per call with its outcome. ``--greeting``
+plays a short WAV to the caller when the call starts (no TTS needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+from loguru import logger
+from pipecat.audio.vad.vad_analyzer import VADParams
+from pipecat.frames.frames import OutputAudioRawFrame, TranscriptionFrame
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.audio.vad_processor import VADProcessor
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.workers.runner import WorkerRunner
+
+from .transports.sip import SIPCall, SIPCallTransport, SIPConfig, SIPServer
+
+OUTPUT_CHUNK_SAMPLES = 320  # pipecat's output sends whole 40 ms chunks at 8 kHz: pad the greeting to that
+
+
+class TranscriptWriter(FrameProcessor):
+    """Writes one JSON line per final ``TranscriptionFrame`` of a call, then passes every frame on."""
+
+    def __init__(self, *, call: SIPCall, out: IO[str]):
+        super().__init__()
+        self._call = call
+        self._out = out
+        self.lines = 0
+
+    async def process_frame(self, frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, TranscriptionFrame) and frame.text.strip():
+            self._write(frame)
+        await self.push_frame(frame, direction)
+
+    def _write(self, frame: TranscriptionFrame) -> None:
+        result = frame.result
+        record = {
+            "call_id": self._call.call_id,
+            "caller": self._call.caller_uri,
+            "caller_name": self._call.caller_name or None,
+            "remote": self._call.identity["remote_address"],
+            "language": frame.language.value if frame.language else None,
+            "text": frame.text,
+            "start_s": _rounded(getattr(result, "start_s", None)),
+            "end_s": _rounded(getattr(result, "end_s", None)),
+            "latency_ms": _rounded(getattr(result, "latency_s", None), scale=1000),
+            "time": frame.timestamp or datetime.now(timezone.utc).isoformat(),
+        }
+        self._out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._out.flush()
+        self.lines += 1
+
+
+def _rounded(value, *, scale: float = 1.0):
+    return None if value is None else round(value * scale, 3)
+
+
+def load_greeting(path: str | Path) -> OutputAudioRawFrame:
+    """A WAV file (any rate/encoding pipecat_nemotron reads) as one output frame, padded to whole chunks."""
+    from pipecat_nemotron.wav import read_wav
+
+    wav = read_wav(path)
+    samples = wav.samples.astype("<i2")
+    step = OUTPUT_CHUNK_SAMPLES * wav.sample_rate // 8000
+    padding = (-len(samples)) % step
+    audio = samples.tobytes() + bytes(2 * padding)
+    return OutputAudioRawFrame(audio=audio, sample_rate=wav.sample_rate, num_channels=1)
+
+
+async def run_call(call: SIPCall, *, stt: FrameProcessor, out: IO[str], greeting: OutputAudioRawFrame | None = None,
+                   vad_stop_secs: float = 0.3) -> TranscriptWriter:
+    """Run one call's pipeline until either side hangs up."""
+    transport = SIPCallTransport(call=call)
+    vad = VADProcessor(vad_analyzer=_vad_analyzer(vad_stop_secs), audio_idle_timeout=0)
+    writer = TranscriptWriter(call=call, out=out)
+    worker = PipelineWorker(Pipeline([transport.input(), vad, stt, writer, transport.output()]),
+                            params=PipelineParams(audio_in_sample_rate=8000, audio_out_sample_rate=8000),
+                            idle_timeout_secs=None, enable_rtvi=False)
+
+    @transport.event_handler("on_call_started")
+    async def on_call_started(_transport, started: SIPCall):
+        logger.info(f"call {started.call_id} from {started.caller_uri}: transcribing")
+        if greeting is not None:
+            await worker.queue_frame(greeting)
+
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    await runner.run()
+    return writer
+
+
+def _vad_analyzer(stop_secs: float):
+    from .vad import WebRTCVADAnalyzer
+
+    return WebRTCVADAnalyzer(params=VADParams(stop_secs=stop_secs))
+
+
+def make_stt(args: argparse.Namespace):
+    """One NemotronSTTService per call; they all share the engine preloaded at start-up."""
+    from .languages import locale_to_language
+    from .stt import NemotronSTTService
+
+    language = None if args.language in (None, "auto") else locale_to_language(args.language)
+    return NemotronSTTService(model=args.model, chunk_ms=args.chunk_ms, language=language, device=args.device)
+
+
+async def serve(args: argparse.Namespace, *, stt_factory=None, out: IO[str] | None = None,
+                ready: asyncio.Event | None = None) -> None:
+    """Load the model, then answer calls until cancelled."""
+    out = out or (sys.stdout if args.output == "-" else open(args.output, "a", encoding="utf-8"))
+    if stt_factory is None:
+        from .stt import NemotronSTTService
+
+        started = time.monotonic()
+        await NemotronSTTService.preload(model=args.model, chunk_ms=args.chunk_ms, device=args.device,
+                                         max_streams=max(args.max_calls, 1))
+        logger.info(f"model {args.model} ready in {time.monotonic() - started:.1f} s")
+        stt_factory = lambda: make_stt(args)  # noqa: E731
+    greeting = load_greeting(args.greeting) if args.greeting else None
+
+    async def on_call(call: SIPCall):
+        await run_call(call, stt=stt_factory(), out=out, greeting=greeting)
+
+    config = SIPConfig(host=args.host, port=args.port, advertised_host=args.advertise, max_calls=args.max_calls,
+                       allowed_peers=tuple(args.allow), max_call_secs=args.max_call_secs or None)
+    server = SIPServer(on_call=on_call, config=config)
+    host, port = await server.start()
+    logger.info(f"phone transcriber on sip:transcriber@{host}:{port} (max {args.max_calls} calls)")
+    if ready is not None:
+        ready.set()
+    await server.serve_forever()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pipecat-nemotron serve-sip", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    parser.add_argument("--port", type=int, default=5060, help="SIP UDP port")
+    parser.add_argument("--advertise", default=None, help="address for Contact/SDP (default: the routed one)")
+    parser.add_argument("--model", default="nvidia/nemotron-3.5-asr-streaming-0.6b",
+                        help="Hugging Face id, .nemo path, or 'demo'")
+    parser.add_argument("--chunk-ms", type=int, default=160, help="80, 160, 320, 560 or 1120")
+    parser.add_argument("--language", default="auto", help="a locale such as en-US, or 'auto' to detect")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--max-calls", type=int, default=8, help="concurrent calls (503 beyond)")
+    parser.add_argument("--allow", action="append", default=[], help="peer address or network (repeat); "
+                        "default: everyone")
+    parser.add_argument("--max-call-secs", type=float, default=3600, help="hang up after this long (0: never)")
+    parser.add_argument("--greeting", default=None, help="a short WAV played when a call starts")
+    parser.add_argument("--output", default="-", help="JSON-lines file to append to ('-': stdout)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logger.remove()
+    logger.add(sys.stderr, level="INFO", 
+               filter=lambda record: not record["name"].startswith("pipecat.") or record["level"].no >= 30)
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
