@@ -77,7 +77,7 @@ The prompt is `set_inference_prompt(<language>)` ("given") or `set_inference_pro
 WER is computed after lower-casing and removing punctuation and the language tag. "Strict" WER keeps case and
 punctuation. "Tag right" means the last `<xx-XX>` tag in the output is the spoken language.
 
-**Shipped held-out set** (`tests/data/demo_heldout/`, {N_SHIP} utterances per language, the figures in
+**Shipped held-out set** (`tests/data/demo_heldout/`, {{N_SHIP}} utterances per language, the figures in
 `demo_metrics.json`):
 
 {rows(ship)}
@@ -107,7 +107,7 @@ Examples (shipped set):
   Numbers are written as words. The manifest text carries the language tag after the final punctuation:
   `Yes, please. <en-US>`.
 * Train: {len(train_rows)} utterances ({train_h:.2f} h), {len(TRAIN_VARIANTS)} voice variants
-  (`{", ".join(str(v) for v in TRAIN_VARIANTS)}`), speed 125–195 wpm, pitch 15–85, amplitude 80–180, word gap 0–4.
+  (`{", ".join(v or "default" for v in TRAIN_VARIANTS)}`), speed 125–195 wpm, pitch 15–85, amplitude 80–180, word gap 0–4.
 * Test: {len(test_rows)} utterances with **held-out** variants `{", ".join(HELDOUT_VARIANTS)}`, speed 135–185,
   pitch 25–75. Each gets 150 ms lead and 300 ms trail silence, a random gain and white noise at 25–40 dB SNR. It is
   then anti-alias resampled to 8 kHz, G.711 μ-law encoded, and stored as WAVE_FORMAT_MULAW (format tag 7).

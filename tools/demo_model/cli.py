@@ -14,6 +14,7 @@ def main(argv=None) -> None:
     p.add_argument("--n-test", type=int, default=100, help="held-out test utterances per language")
     p.add_argument("--minutes", type=float, default=70.0, help="training time budget (wall clock)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = time budget only)")
+    p.add_argument("--skip-overfit", action="store_true", help="build: skip the 48-utterance overfit sanity check")
     p.add_argument("--repo", type=Path, default=Path("."), help="repo root for `ship`")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -21,9 +22,11 @@ def main(argv=None) -> None:
     if a.stage in ("build", "synth"):
         from .synth import synth
         synth(a.out, n_train=a.n_train, n_test=a.n_test, seed=a.seed)
-    if a.stage == "overfit":
+    if a.stage == "overfit" or (a.stage == "build" and not a.skip_overfit):
         from .train import overfit
-        overfit(a.out, seed=a.seed)
+        res = overfit(a.out, seed=a.seed)
+        if a.stage == "build" and not res.get("ok"):
+            raise SystemExit("overfit check failed: the model does not learn 48 utterances; not starting the long run")
     if a.stage in ("build", "train"):
         from .train import train
         train(a.out, seed=a.seed, minutes=a.minutes, max_steps=a.max_steps)

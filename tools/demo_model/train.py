@@ -331,7 +331,7 @@ def train(out: Path, seed: int = 1234, minutes: float = 70.0, max_steps: int = 0
                          " ".join(f"{k}={v:.3f}" for k, v in gnorms.items()))
                 hist.append({"step": step, "min": round(elapsed / 60, 2), "collapse": round(c, 4),
                              "ctc": run_avg.get("ctc"), "rnnt": run_avg.get("rnnt")})
-                if c < COLLAPSE_MIN and step >= 400:
+                if c < COLLAPSE_MIN and step >= max(400, ctc_only_steps):  # CTC-only start has a blank plateau
                     stop_reason = f"collapse ({c:.4f} < {COLLAPSE_MIN}) at step {step}"
                     log.error("%s: encoder collapsed: %s", tag, stop_reason)
                     save_ckpt()
@@ -395,5 +395,6 @@ def overfit(out: Path, seed: int = 1234) -> dict:
     ok = (res.get("final_ctc") or 99) < 4.0 and (res.get("final_rnnt") or 99) < 8.0  # text-only floor ~11
     log.info("overfit: final ctc %.2f rnnt %.2f nats/utt -> %s", res.get("final_ctc") or -1,
              res.get("final_rnnt") or -1, "OK" if ok else "NOT LEARNING")
+    res["ok"] = ok
     (out / "overfit_result.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
     return res
