@@ -345,13 +345,8 @@ def best_alignment(received: np.ndarray, sent: np.ndarray, max_lag: int = 4000) 
 
 
 @needs_baresip
-async def test_baresip_call_audio_both_ways(tmp_path, network):
-    """baresip plays a WAV into the call and records what the bot sends back."""
-    t = np.arange(int(8000 * 1.5)) / 8000
-    caller_audio = (np.sin(2 * np.pi * (300 + 400 * t) * t) * 9000 * np.minimum(1, t * 10)).astype("<i2")
-    write_wav(tmp_path / "caller.wav", caller_audio)
-    tb = np.arange(3840) / 8000  # 480 ms: whole 40 ms output chunks (pipecat holds back a partial one)
-    bot_audio = (np.sin(2 * np.pi * (1500 - 1600 * tb) * tb) * 8000).astype("<i2")  # a distinct falling sweep
+def write_baresip_config(tmp_path: Path, *, codecs: str) -> tuple[Path, Path]:
+    """A baresip config that dials from 127.0.0.1, plays tmp_path/caller.wav and records to snd/."""
     config_dir, snd = tmp_path / "baresip", tmp_path / "snd"
     config_dir.mkdir()
     snd.mkdir()
@@ -362,7 +357,18 @@ async def test_baresip_call_audio_both_ways(tmp_path, network):
         f"rtp_ports {rtp_port}-{rtp_port + 20}\nmodule_path /usr/lib/baresip/modules\nmodule g711.so\n"
         f"module aufile.so\nmodule sndfile.so\nmodule_tmp account.so\nmodule_app menu.so\nsnd_path {snd}\n")
     (config_dir / "accounts").write_text(
-        f"<sip:caller@{HOST}:{sip_port}>;regint=0;audio_codecs=pcmu,pcma;dtmfmode=rtpevent\n")
+        f"<sip:caller@{HOST}:{sip_port}>;regint=0;audio_codecs={codecs};dtmfmode=rtpevent\n")
+    return config_dir, snd
+
+
+async def test_baresip_call_audio_both_ways(tmp_path, network):
+    """baresip plays a WAV into the call and records what the bot sends back."""
+    t = np.arange(int(8000 * 1.5)) / 8000
+    caller_audio = (np.sin(2 * np.pi * (300 + 400 * t) * t) * 9000 * np.minimum(1, t * 10)).astype("<i2")
+    write_wav(tmp_path / "caller.wav", caller_audio)
+    tb = np.arange(3840) / 8000  # 480 ms: whole 40 ms output chunks (pipecat holds back a partial one)
+    bot_audio = (np.sin(2 * np.pi * (1500 - 1600 * tb) * tb) * 8000).astype("<i2")  # a distinct falling sweep
+    config_dir, snd = write_baresip_config(tmp_path, codecs="pcmu,pcma")
     collector = Collector()
     calls = []
 

@@ -20,7 +20,7 @@ from pipecat_nemotron.engine import Engine, Final
 from pipecat_nemotron.stt import NemotronSTTService
 from pipecat_nemotron.transports.sip import SIPCallTransport
 from pipecat_nemotron.vad import WebRTCVADAnalyzer
-from test_sip_peers import HOST, Collector, free_port, network, start_server, write_wav  # noqa: F401
+from test_sip_peers import HOST, Collector, network, start_server, write_baresip_config, write_wav  # noqa: F401
 from tiny import speechlike
 
 pytestmark = pytest.mark.skipif(shutil.which("baresip") is None,
@@ -54,16 +54,7 @@ class UtteranceSpy:
 
 async def baresip_call(tmp_path, server_port, caller_audio, seconds=5):
     write_wav(tmp_path / "caller.wav", caller_audio)
-    config_dir, snd = tmp_path / "baresip", tmp_path / "snd"
-    config_dir.mkdir()
-    snd.mkdir()
-    sip_port, rtp_port = free_port(), free_port() & ~1
-    (config_dir / "config").write_text(
-        f"sip_listen {HOST}:{sip_port}\nnet_interface {HOST}\naudio_source aufile,{tmp_path / 'caller.wav'}\n"
-        f"audio_player aufile,{tmp_path / 'unused.wav'}\naudio_alert aufile,{tmp_path / 'unused.wav'}\n"
-        f"rtp_ports {rtp_port}-{rtp_port + 20}\nmodule_path /usr/lib/baresip/modules\nmodule g711.so\n"
-        f"module aufile.so\nmodule sndfile.so\nmodule_tmp account.so\nmodule_app menu.so\nsnd_path {snd}\n")
-    (config_dir / "accounts").write_text(f"<sip:caller@{HOST}:{sip_port}>;regint=0;audio_codecs=pcmu\n")
+    config_dir, _ = write_baresip_config(tmp_path, codecs="pcmu")
     proc = await asyncio.create_subprocess_exec(
         "baresip", "-f", str(config_dir), "-e", f"/dial sip:bot@{HOST}:{server_port}", "-t", str(seconds),
         cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
