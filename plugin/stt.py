@@ -71,6 +71,8 @@ class NemotronSTTService(STTService):
                                          language=language_to_locale(language) if language else None)
         if settings is not None:
             default_settings.apply_update(settings)
+        if engine is not None:
+            chunk_ms = engine.chunk_ms
         super().__init__(settings=default_settings,
                          ttfs_p99_latency=ttfs_p99_latency or TTFS_P99_BY_CHUNK_MS.get(chunk_ms), **kwargs)
         self._model_source = model
