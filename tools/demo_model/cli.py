@@ -12,7 +12,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--n-train", type=int, default=3000, help="train utterances per language")
     p.add_argument("--n-test", type=int, default=100, help="held-out test utterances per language")
-    p.add_argument("--minutes", type=float, default=70.0, help="training time budget (wall clock)")
+    p.add_argument("--minutes", type=float, default=100.0, help="training time budget (wall clock of the training loop)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = time budget only)")
     p.add_argument("--skip-overfit", action="store_true", help="build: skip the 48-utterance overfit sanity check")
     p.add_argument("--repo", type=Path, default=Path("."), help="repo root for `ship`")

@@ -57,7 +57,23 @@ def load_model(path: Path):
     model = EncDecRNNTBPEModelWithPrompt.restore_from(str(path), map_location="cpu")
     model.eval()
     model.encoder.set_default_att_context_size(CHUNK_ATT)
+    model.encoder.setup_streaming_params()
     return model
+
+
+def pad_to_chunk(model, audio: np.ndarray) -> np.ndarray:
+    """Zero-pad the tail so the mel frames fill whole streaming chunks.
+
+    NeMo 3.0's CacheAwareStreamingAudioBuffer silently DROPS a final partial chunk shorter than the subsampling
+    factor (8 mel frames) and the chunk before it was not flagged ``keep_all_outputs``; the last tokens of an
+    utterance (often the final punctuation and the language tag) are then lost. In a real call the audio goes on
+    after an utterance, so the evaluation appends at most one chunk (< 160 ms) of digital silence instead."""
+    cfg = model.encoder.streaming_cfg
+    first, nxt = cfg.chunk_size if isinstance(cfg.chunk_size, list) else (cfg.chunk_size, cfg.chunk_size)
+    hop = 160
+    frames = len(audio) // hop + 1
+    need = first if frames <= first else first + -(-(frames - first) // nxt) * nxt
+    return np.concatenate([audio, np.zeros((need - frames) * hop, np.float32)]) if need > frames else audio
 
 
 @torch.inference_mode()
@@ -68,7 +84,7 @@ def stream_transcribe(model, audios: list[np.ndarray], prompt: str) -> list[str]
     model.set_inference_prompt(prompt)
     buf = CacheAwareStreamingAudioBuffer(model=model, online_normalization=False)
     for a in audios:
-        buf.append_audio(a, stream_id=-1)
+        buf.append_audio(pad_to_chunk(model, a), stream_id=-1)
     ch, tm, chl = model.encoder.get_initial_cache_state(batch_size=len(audios))
     hyps = None
     for step, (chunk, clen) in enumerate(buf):
@@ -87,7 +103,7 @@ def offline_transcribe(model, audios: list[np.ndarray], prompt: str) -> list[str
     idx = model.cfg.model_defaults.prompt_dictionary[prompt]
     out = []
     for a in audios:
-        x = torch.from_numpy(a)[None]
+        x = torch.from_numpy(pad_to_chunk(model, a))[None]
         enc, elen = model.forward(input_signal=x, input_signal_length=torch.tensor([x.shape[1]]),
                                   prompt_indices=torch.tensor([idx]))
         out.append(model.decoding.rnnt_decoder_predictions_tensor(encoder_output=enc, encoded_lengths=elen)[0].text)
