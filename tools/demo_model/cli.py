@@ -7,7 +7,7 @@ from pathlib import Path
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.demo_model", description=__doc__)
-    p.add_argument("stage", choices=["build", "synth", "train", "overfit", "evaluate", "ship"])
+    p.add_argument("stage", choices=["build", "synth", "train", "overfit", "finetune", "evaluate", "ship"])
     p.add_argument("--out", type=Path, default=Path("build/demo"))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--n-train", type=int, default=3000, help="train utterances per language")
@@ -30,6 +30,9 @@ def main(argv=None) -> None:
     if a.stage in ("build", "train"):
         from .train import train
         train(a.out, seed=a.seed, minutes=a.minutes, max_steps=a.max_steps)
+    if a.stage == "finetune":  # experimental, not part of build: writes build/demo/demo_ft.nemo
+        from .train import finetune_concat
+        finetune_concat(a.out, seed=a.seed, minutes=a.minutes)
     if a.stage in ("build", "evaluate"):
         from .evaluate import evaluate
         evaluate(a.out)

@@ -398,3 +398,87 @@ def overfit(out: Path, seed: int = 1234) -> dict:
     res["ok"] = ok
     (out / "overfit_result.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
     return res
+
+
+def _concat_batch(data: Data, idx: list[int], rng: np.random.Generator, p_concat: float):
+    """Like Data.batch, but each item is, with probability p_concat, 2-3 utterances joined by pauses (the tagged
+    texts concatenated), so the model learns to go on after a tag. Auto prompt for mixed-language items."""
+    by_lang: dict[int, list[int]] = {}
+    for i, li in enumerate(data.lang_idx):
+        by_lang.setdefault(li, []).append(i)
+    xs, ys, prompts = [], [], []
+    for i in idx:
+        auto = rng.random() < P_AUTO
+        items = [i]
+        if rng.random() < p_concat:
+            for _ in range(1 if rng.random() < 0.7 else 2):
+                pool = range(len(data.rows)) if auto else by_lang[data.lang_idx[i]]
+                items.append(int(pool[int(rng.integers(len(pool)))]))
+        parts, toks = [], []
+        for k, j in enumerate(items):
+            if k:
+                parts.append(np.zeros(int(rng.uniform(0.2, 1.0) * SR), np.float32))
+            parts.append(augment(data.audio[j].astype(np.float32) / 32768.0, rng, P_TEL))
+            toks += data.tokens[j]
+        xs.append(np.concatenate(parts))
+        ys.append(toks)
+        prompts.append(PROMPT_DICTIONARY["auto"] if auto else data.lang_idx[i])
+    xl = torch.tensor([len(x) for x in xs])
+    X = torch.zeros(len(xs), int(xl.max()))
+    for j, x in enumerate(xs):
+        X[j, : len(x)] = torch.from_numpy(x)
+    yl = torch.tensor([len(y) for y in ys])
+    Y = torch.zeros(len(ys), int(yl.max()), dtype=torch.long)
+    for j, y in enumerate(ys):
+        Y[j, : len(y)] = torch.tensor(y)
+    return X, xl, Y, yl, torch.tensor(prompts)
+
+
+def finetune_concat(out: Path, seed: int = 1234, minutes: float = 6.0, lr: float = 2e-4) -> dict:
+    """Stage 2b: short fine-tune from the main run's checkpoint on multi-utterance items (continuation after tags)."""
+    torch.set_num_threads(int(os.environ.get("DEMO_THREADS", "2")))
+    _seed_all(seed + 1)
+    rows = read_manifest(out / "data" / "train.jsonl")
+    model = build_model(build_tokenizer([r["text"] for r in rows], out / "tokenizer"))
+    V = model.tokenizer.vocab_size
+    ctc_head = CTCHead(model.cfg.model_defaults.enc_hidden, V)
+    ck = torch.load(out / "train_ckpt.pt", weights_only=False)
+    model.load_state_dict(ck["model"])
+    ctc_head.load_state_dict(ck["ctc_head"])
+    data = Data(rows, model.tokenizer)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(ctc_head.parameters()), lr=lr, betas=(0.9, 0.98),
+                            weight_decay=1e-3)
+    rng = np.random.default_rng(seed + 2)
+    model.train()
+    t0, step, avg = time.time(), 0, {}
+    while time.time() - t0 < minutes * 60:
+        for idx in _batches(data.durs, random.Random(seed + step), MAX_BATCH_S / 2):
+            if time.time() - t0 >= minutes * 60:
+                break
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / 50)
+            X, xl, Y, yl, prompts = _concat_batch(data, idx, rng, 0.6)
+            feats, flen = model.preprocessor(input_signal=X, length=xl)
+            enc, elen = model.encoder(audio_signal=feats, length=flen)
+            ctc = F.ctc_loss(ctc_head(enc.transpose(1, 2)).transpose(0, 1), Y, elen, yl, blank=V,
+                             reduction="none", zero_infinity=True).mean()
+            dec, _, _ = model.decoder(targets=Y, target_length=yl)
+            joint = model.joint(encoder_outputs=apply_prompt(model, enc, prompts), decoder_outputs=dec)
+            rn = rnnt_loss(joint, Y, elen, yl, blank=V, reduction="none").mean()
+            loss = CTC_WEIGHT * ctc + rn
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(ctc_head.parameters()), 1.0)
+            opt.step()
+            step += 1
+            for k, v in (("ctc", float(ctc)), ("rnnt", float(rn))):
+                avg[k] = v if k not in avg else 0.95 * avg[k] + 0.05 * v
+            if step % 25 == 0:
+                log.info("finetune step %d %.1f min | ctc %.2f rnnt %.2f", step, (time.time() - t0) / 60,
+                         avg["ctc"], avg["rnnt"])
+    model.eval()
+    model.save_to(str(out / "demo_ft.nemo"))
+    res = {"steps": step, "minutes": (time.time() - t0) / 60, "lr": lr, "p_concat": 0.6, **avg}
+    (out / "finetune_result.json").write_text(json.dumps(res, indent=1))
+    log.info("finetune done: %s", res)
+    return res
