@@ -243,3 +243,25 @@ async def test_unended_utterance_is_finalized_at_the_cap(tiny_model):
     assert 1.0 < final.end_s <= 1.6 and final.text
     stream.close()
     engine.close()
+
+
+async def test_reset_context_per_utterance_starts_each_utterance_like_a_new_stream(tiny_model):
+    """For models trained on single utterances (the demo model asks for it in its config)."""
+    engine = Engine(model=tiny_model, chunk_ms=160, device="cpu", max_streams=2, reset_context_per_utterance=True)
+    await engine.ready()
+    first, second = speechlike(1.3, seed=71), speechlike(1.5, seed=72)
+    stream = engine.open_stream(language="en-US")
+    stream.feed(first)
+    stream.finalize()
+    await next_final(stream)
+    stream.feed(second)
+    stream.finalize()
+    continued = await next_final(stream)
+    stream.close()
+    fresh = engine.open_stream(language="en-US")
+    fresh.feed(second)
+    fresh.finalize()
+    alone = await next_final(fresh)
+    fresh.close()
+    engine.close()
+    assert continued.token_ids == alone.token_ids

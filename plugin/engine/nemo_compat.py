@@ -57,6 +57,15 @@ def prompt_dictionary(model) -> dict[str, int]:
     return {str(key): int(value) for key, value in dict(table).items()}
 
 
+def model_option(model, name: str, default):
+    """An engine hint stored in the model's config under `pipecat_nemotron` (e.g. by the demo model)."""
+    try:
+        options = model.cfg.get("pipecat_nemotron", None) or {}
+        return options.get(name, default)
+    except AttributeError:
+        return default
+
+
 def apply_prompts(model, encoded: torch.Tensor, prompt_indices: torch.Tensor) -> torch.Tensor:
     """Condition `encoded` (B, D, T) on one language index per row.
 

@@ -24,6 +24,7 @@ from .errors import (CapacityError, EngineStepError, ModelLoadError, NemotronEng
                      UnsupportedLanguageError)
 from .features import HOP, LEAD_FRAMES, MelExtractor, window_for
 from .loader import DEFAULT_MODEL, SAMPLE_RATE, chunk_spec, load_model, model_name, resolve_device
+from .results import Final
 from .stream import Stream
 
 logger = logging.getLogger("pipecat_nemotron.engine")
@@ -73,11 +74,14 @@ class _SlotPool:
 
     def take(self) -> int:
         slot = self.free.pop()
+        self.reset(slot)
+        return slot
+
+    def reset(self, slot: int) -> None:
         self.channel[:, slot].zero_()
         self.time[:, slot].zero_()
         self.channel_len[slot] = 0
         self.mel[slot].zero_()
-        return slot
 
     def give_back(self, slot: int) -> None:
         self.free.append(slot)
@@ -116,6 +120,10 @@ class Engine:
         max_backlog_s: most unprocessed audio per stream before `feed` raises `BacklogError`.
         max_utterance_s: an utterance nobody finalizes is finalized at this length (bounds memory).
         strip_language_tags: remove `<xx-YY>` from text (the language is reported separately).
+        reset_context_per_utterance: start each utterance with empty encoder caches instead of carrying
+            the call's context over. Default: what the model's config asks for
+            (`pipecat_nemotron.reset_context_per_utterance`, set by models trained on single utterances
+            such as the demo model), else False.
 
     The model loads on the engine's own thread; `await engine.ready()` (or
     `wait_ready()`) before opening streams. Use `Engine.shared(...)` to get the one
@@ -124,7 +132,7 @@ class Engine:
 
     def __init__(self, *, model=DEFAULT_MODEL, chunk_ms: int = 160, device: str = "auto", max_streams: int = 64,
                  max_batch: int | None = None, max_backlog_s: float = 30.0, max_utterance_s: float = 60.0,
-                 strip_language_tags: bool = True):
+                 strip_language_tags: bool = True, reset_context_per_utterance: bool | None = None):
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
         self.model_source = model
@@ -136,6 +144,7 @@ class Engine:
         self.max_backlog_s = max_backlog_s
         self.max_utterance_s = max_utterance_s
         self.strip_language_tags = strip_language_tags
+        self.reset_context_per_utterance = reset_context_per_utterance
         self.stats = EngineStats(chunk_ms=chunk_ms)
         self.model = None
         self.spec = None
@@ -299,6 +308,9 @@ class Engine:
         with self._step_lock:
             self.spec = chunk_spec(self.model, self.chunk_ms)
         self.languages = nemo_compat.prompt_dictionary(self.model) if nemo_compat.has_prompt(self.model) else {}
+        if self.reset_context_per_utterance is None:
+            self.reset_context_per_utterance = nemo_compat.model_option(self.model, "reset_context_per_utterance",
+                                                                        False)
         self._mel = MelExtractor(self.model.preprocessor, self.device)
         self._pool = _SlotPool(self.model, self.spec, self.max_streams, self.device)
         self._text_of = self.model.tokenizer.ids_to_text
@@ -351,7 +363,11 @@ class Engine:
                 stream.last_step_at = now
                 tokens = list(stream.hypothesis.y_sequence) if stream.hypothesis is not None else []
                 tokens = [int(t) for t in tokens]
-                deliveries.append((stream, stream._after_step(tokens, self._text_of)))
+                results = stream._after_step(tokens, self._text_of)
+                if self.reset_context_per_utterance and any(isinstance(r, Final) for r in results):
+                    self._pool.reset(stream.slot)
+                    stream.steps = 0  # the next utterance starts like a new stream
+                deliveries.append((stream, results))
         for stream, results in deliveries:
             for result in results:
                 stream._results.put(result)
