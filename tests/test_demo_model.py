@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soxr
+from scipy.signal import resample_poly
 import torch
 
 from pipecat_nemotron.engine import Engine, Final
@@ -22,9 +22,10 @@ from reference import padded_for_finalize
 HELDOUT = Path(__file__).parent / "data" / "demo_heldout"
 LANGUAGES = ["en-US", "es-ES", "de-DE"]
 # measured with this engine at 160 ms on the shipped set -> asserted a little lower
-WER_GIVEN_MAX = {"en-US": None, "es-ES": None, "de-DE": None}
-WER_AUTO_MAX = {"en-US": None, "es-ES": None, "de-DE": None}
-TAG_ACCURACY_MIN = None
+WER_GIVEN_MAX = {"en-US": 0.08, "es-ES": 0.03, "de-DE": 0.03}       # measured 6.1 / 0.8 / 0.9 %
+WER_AUTO_MAX = {"en-US": 0.09, "es-ES": 0.03, "de-DE": 0.08}        # measured 7.0 / 0.0 / 4.5 %
+# short utterances ("Danke") often end without "." and tag: measured 80 / 85 / 70 %
+TAG_ACCURACY_MIN = {"en-US": 0.75, "es-ES": 0.8, "de-DE": 0.65}
 
 
 def normalise(text: str) -> list[str]:
@@ -46,7 +47,7 @@ def heldout():
     rows = [json.loads(line) for line in (HELDOUT / "manifest.jsonl").read_text().splitlines() if line.strip()]
     for row in rows:
         wav = read_wav(HELDOUT / row["file"])
-        row["audio"] = soxr.resample(wav.samples.astype(np.float32) / 32768, wav.sample_rate, 16000).astype(np.float32)
+        row["audio"] = resample_poly(wav.samples.astype(np.float32) / 32768, 2, 1).astype(np.float32)
     return rows
 
 
@@ -99,7 +100,7 @@ async def test_wer_and_language_tag_in_auto_mode(demo_engine, rows):
         tag_accuracy = np.mean([f.language == language for f, _ in picked])
         print(f"{language} WER auto {wer:.3f}, tag accuracy {tag_accuracy:.3f}")
         assert wer <= WER_AUTO_MAX[language], (language, wer)
-        assert tag_accuracy >= TAG_ACCURACY_MIN, (language, tag_accuracy)
+        assert tag_accuracy >= TAG_ACCURACY_MIN[language], (language, tag_accuracy)
 
 
 async def test_streaming_text_equals_offline(demo_engine, rows):
