@@ -108,3 +108,35 @@ async def test_baresip_call_is_transcribed_like_the_engine(tmp_path, network, ti
     expected = await engine_tokens(engine, fed)
     assert finals[0].text == expected.text and expected.text
     engine.close()
+
+
+async def test_baresip_call_with_the_demo_model_gets_the_words_and_language(tmp_path, network):
+    import json
+    from pathlib import Path
+
+    from pipecat_nemotron.wav import read_wav
+    from test_demo_model import normalise
+
+    heldout = Path(__file__).parent / "data" / "demo_heldout"
+    row = next(json.loads(line) for line in (heldout / "manifest.jsonl").read_text().splitlines()
+               if json.loads(line)["file"] == "en-US_00001.wav")
+    wav = read_wav(heldout / row["file"])
+    caller_audio = np.concatenate([np.zeros(2400, dtype=np.int16), wav.samples, np.zeros(8000, dtype=np.int16)])
+    engine = Engine(model="demo", chunk_ms=160, device="cpu", max_streams=2)
+    await engine.ready()
+    collector = Collector()
+
+    async def on_call(call):
+        await transcribe_call(call, NemotronSTTService(engine=engine), collector)  # auto-detect
+
+    server = await start_server(on_call)
+    try:
+        output = await baresip_call(tmp_path, server.port, caller_audio.astype("<i2"), seconds=6)
+        await asyncio.sleep(0.5)
+    finally:
+        await server.stop()
+        engine.close()
+    finals = collector.of(TranscriptionFrame)
+    assert finals, output[-2000:]
+    assert normalise(finals[0].text) == normalise(row["text"])
+    assert finals[0].language == Language.EN_US
