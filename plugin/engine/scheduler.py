@@ -367,6 +367,7 @@ class Engine:
                 if self.reset_context_per_utterance and any(isinstance(r, Final) for r in results):
                     self._pool.reset(stream.slot)
                     stream.steps = 0  # the next utterance starts like a new stream
+                    stream.step_origin = stream.frames_stepped
                 deliveries.append((stream, results))
         for stream, results in deliveries:
             for result in results:

@@ -77,6 +77,7 @@ class Stream:
         # model position
         self.frames_stepped = 0
         self.steps = 0
+        self.step_origin = 0  # mel frame where the current run of steps began
         self.hypothesis = None
         self._finalize_queue: deque[_FinalizeRequest] = deque()
         self._utterance_start_fed = 0
@@ -116,7 +117,8 @@ class Stream:
         """Pad to the next chunk boundary and mark it as the utterance's end (lock held)."""
         spec = self._engine.spec
         covered = -(-self.total_samples // HOP)  # frames whose centre lies in the audio so far
-        frame_end = spec.chunk_boundary_at_or_after(max(covered, self._last_queued_frame_end()))
+        origin = self.step_origin  # steps restart from here after a context reset
+        frame_end = origin + spec.chunk_boundary_at_or_after(max(covered, self._last_queued_frame_end()) - origin)
         padding = max(0, samples_needed(frame_end) - self.total_samples)
         if padding:
             self._chunks.append(np.zeros(padding, dtype=np.float32))
