@@ -354,12 +354,14 @@ class WebRTCServer:
         from pipecat.turns.user_stop import SpeechTimeoutUserTurnStopStrategy
         from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
+        from .turns import EmptyTranscriptUserTurnStopStrategy
+
         llm = OpenAILLMService(api_key=self.llm.api_key, base_url=self.llm.base_url,
                                settings=OpenAILLMService.Settings(model=self.llm.model))
         context = LLMContext([{"role": "system", "content": self.llm.system_prompt}])
         pair = LLMContextAggregatorPair(context, user_params=LLMUserAggregatorParams(
             user_turn_strategies=UserTurnStrategies(stop=[SpeechTimeoutUserTurnStopStrategy(
-                user_speech_timeout=0.6)])))
+                user_speech_timeout=0.6), EmptyTranscriptUserTurnStopStrategy()])))
         self._assistant_aggregator = pair.assistant()
         return [pair.user(), llm, BotTextRelay(record, send)]
 
