@@ -401,8 +401,9 @@ def overfit(out: Path, seed: int = 1234) -> dict:
 
 
 def _concat_batch(data: Data, idx: list[int], rng: np.random.Generator, p_concat: float):
-    """Like Data.batch, but each item is, with probability p_concat, 2-3 utterances joined by pauses (the tagged
-    texts concatenated), so the model learns to go on after a tag. Auto prompt for mixed-language items."""
+    """Like Data.batch, but each item is, with probability p_concat, 2-4 utterances joined by pauses (the tagged
+    texts concatenated), so the model learns to go on after a tag with speech in its left context. Items with the
+    ``auto`` prompt may switch language between utterances; items with a given language keep it."""
     by_lang: dict[int, list[int]] = {}
     for i, li in enumerate(data.lang_idx):
         by_lang.setdefault(li, []).append(i)
@@ -411,13 +412,13 @@ def _concat_batch(data: Data, idx: list[int], rng: np.random.Generator, p_concat
         auto = rng.random() < P_AUTO
         items = [i]
         if rng.random() < p_concat:
-            for _ in range(1 if rng.random() < 0.7 else 2):
+            for _ in range(int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))):
                 pool = range(len(data.rows)) if auto else by_lang[data.lang_idx[i]]
                 items.append(int(pool[int(rng.integers(len(pool)))]))
         parts, toks = [], []
         for k, j in enumerate(items):
             if k:
-                parts.append(np.zeros(int(rng.uniform(0.2, 1.0) * SR), np.float32))
+                parts.append(np.zeros(int(rng.uniform(0.2, 1.2) * SR), np.float32))
             parts.append(augment(data.audio[j].astype(np.float32) / 32768.0, rng, P_TEL))
             toks += data.tokens[j]
         xs.append(np.concatenate(parts))
@@ -434,31 +435,70 @@ def _concat_batch(data: Data, idx: list[int], rng: np.random.Generator, p_concat
     return X, xl, Y, yl, torch.tensor(prompts)
 
 
-def finetune_concat(out: Path, seed: int = 1234, minutes: float = 6.0, lr: float = 2e-4) -> dict:
-    """Stage 2b: short fine-tune from the main run's checkpoint on multi-utterance items (continuation after tags)."""
+FT_PEAK_LR = 4e-4
+FT_WARMUP = 100
+FT_P_CONCAT = 0.6
+
+
+def finetune_concat(out: Path, seed: int = 1234, minutes: float = 40.0, peak_lr: float = FT_PEAK_LR) -> dict:
+    """Stage 2b: continue the main run (its weights and optimiser state) on multi-utterance items, so a call with
+    several utterances is transcribed past the first one. Resumable (``finetune_ckpt.pt``); writes
+    ``demo_ft.nemo``. Same losses, prompt mix, augmentation and SpecAugment as the end of the main run."""
     torch.set_num_threads(int(os.environ.get("DEMO_THREADS", "2")))
     _seed_all(seed + 1)
     rows = read_manifest(out / "data" / "train.jsonl")
     model = build_model(build_tokenizer([r["text"] for r in rows], out / "tokenizer"))
     V = model.tokenizer.vocab_size
     ctc_head = CTCHead(model.cfg.model_defaults.enc_hidden, V)
-    ck = torch.load(out / "train_ckpt.pt", weights_only=False)
+    main = torch.load(out / "train_ckpt.pt", weights_only=False)
+    fstd = json.loads((out / "train_result.json").read_text())["feat_std"]
+    conv0 = [model.encoder.pre_encode.conv[0].weight]
+    rnnt_params = list(model.decoder.parameters()) + list(model.joint.parameters()) + \
+        list(model.prompt_kernel.parameters())
+    special = {id(p) for p in conv0 + rnnt_params}
+    groups = [
+        {"params": [p for p in list(model.parameters()) + list(ctc_head.parameters()) if id(p) not in special],
+         "lr_scale": 1.0, "name": "enc"},
+        {"params": conv0, "lr_scale": 1.0 / fstd, "name": "conv0"},
+        {"params": rnnt_params, "lr_scale": 1.0, "name": "rnnt"},
+    ]
+    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.98), weight_decay=1e-3)
+    ckpt_path = out / "finetune_ckpt.pt"
+    step, elapsed = 0, 0.0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        step, elapsed = ck["step"], ck["elapsed"]
+        log.info("finetune: resumed at step %d (%.1f min)", step, elapsed / 60)
+    else:
+        ck = main
     model.load_state_dict(ck["model"])
     ctc_head.load_state_dict(ck["ctc_head"])
+    opt.load_state_dict(ck["opt"])
     data = Data(rows, model.tokenizer)
-    opt = torch.optim.AdamW(list(model.parameters()) + list(ctc_head.parameters()), lr=lr, betas=(0.9, 0.98),
-                            weight_decay=1e-3)
-    rng = np.random.default_rng(seed + 2)
+    val = Data(_val_rows(out / "data", model.tokenizer), model.tokenizer)
+    rng = np.random.default_rng(seed + 2 + step)
+    budget = minutes * 60.0
+
+    def save_ckpt():
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "ctc_head": ctc_head.state_dict(), "opt": opt.state_dict(),
+                    "step": step, "elapsed": elapsed}, tmp)
+        tmp.rename(ckpt_path)
+
+    params = list(model.parameters()) + list(ctc_head.parameters())
     model.train()
-    t0, step, avg = time.time(), 0, {}
-    while time.time() - t0 < minutes * 60:
-        for idx in _batches(data.durs, random.Random(seed + step), MAX_BATCH_S / 2):
-            if time.time() - t0 >= minutes * 60:
+    t0, t_ckpt, avg, epoch = time.time() - elapsed, time.time(), {}, step // 400
+    while elapsed < budget:
+        for idx in _batches(data.durs, random.Random(seed * 31 + epoch), MAX_BATCH_S / 2):
+            elapsed = time.time() - t0
+            if elapsed >= budget:
                 break
+            lr = peak_lr * min(1.0, (step + 1) / FT_WARMUP) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / budget)))
             for g in opt.param_groups:
-                g["lr"] = lr * min(1.0, (step + 1) / 50)
-            X, xl, Y, yl, prompts = _concat_batch(data, idx, rng, 0.6)
+                g["lr"] = lr * g["lr_scale"]
+            X, xl, Y, yl, prompts = _concat_batch(data, idx, rng, FT_P_CONCAT)
             feats, flen = model.preprocessor(input_signal=X, length=xl)
+            feats = model.spec_augmentation(input_spec=feats, length=flen)
             enc, elen = model.encoder(audio_signal=feats, length=flen)
             ctc = F.ctc_loss(ctc_head(enc.transpose(1, 2)).transpose(0, 1), Y, elen, yl, blank=V,
                              reduction="none", zero_infinity=True).mean()
@@ -468,17 +508,27 @@ def finetune_concat(out: Path, seed: int = 1234, minutes: float = 6.0, lr: float
             loss = CTC_WEIGHT * ctc + rn
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(ctc_head.parameters()), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
             for k, v in (("ctc", float(ctc)), ("rnnt", float(rn))):
                 avg[k] = v if k not in avg else 0.95 * avg[k] + 0.05 * v
-            if step % 25 == 0:
-                log.info("finetune step %d %.1f min | ctc %.2f rnnt %.2f", step, (time.time() - t0) / 60,
-                         avg["ctc"], avg["rnnt"])
+            if step % 50 == 0:
+                log.info("finetune step %d %.1f/%.0f min lr %.2e | ctc %.2f rnnt %.2f (nats/item)", step,
+                         elapsed / 60, minutes, lr, avg["ctc"], avg["rnnt"])
+            if step % 500 == 0:
+                v = quick_val(model, ctc_head, val, list(range(min(len(val.rows), 45))), use_rnnt=True)
+                log.info("finetune step %d VAL %s", step, json.dumps(v, ensure_ascii=False))
+            if time.time() - t_ckpt > CKPT_EVERY_S:
+                save_ckpt()
+                t_ckpt = time.time()
+        else:
+            epoch += 1
+    save_ckpt()
     model.eval()
+    v = quick_val(model, ctc_head, val, list(range(min(len(val.rows), 45))), use_rnnt=True)
     model.save_to(str(out / "demo_ft.nemo"))
-    res = {"steps": step, "minutes": (time.time() - t0) / 60, "lr": lr, "p_concat": 0.6, **avg}
-    (out / "finetune_result.json").write_text(json.dumps(res, indent=1))
+    res = {"steps": step, "minutes": elapsed / 60, "peak_lr": peak_lr, "p_concat": FT_P_CONCAT, "val": v, **avg}
+    (out / "finetune_result.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
     log.info("finetune done: %s", res)
     return res
