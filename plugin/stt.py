@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from loguru import logger
 from pipecat.audio.utils import create_stream_resampler
 from pipecat.frames.frames import (CancelFrame, EndFrame, ErrorFrame, Frame, InterimTranscriptionFrame, StartFrame,
-                                   TranscriptionFrame, VADUserStoppedSpeakingFrame)
+                                   TranscriptionFrame, VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame)
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import STTSettings, is_given
 from pipecat.services.stt_service import STTService
@@ -29,6 +29,8 @@ from .languages import AUTO, language_to_locale, locale_to_language
 
 # p99 of VAD stop -> final transcript, seconds, by chunk size: see benchmarks/results/ttfs.md.
 TTFS_P99_BY_CHUNK_MS = {80: 0.25, 160: 0.25, 320: 0.4, 560: 0.65, 1120: 1.2}
+# On EndFrame, how long to wait for the finals still being computed (the caller hung up mid-sentence).
+END_FLUSH_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -86,6 +88,12 @@ class NemotronSTTService(STTService):
         self._reader: asyncio.Task | None = None
         self._resampler = create_stream_resampler()
         self._last_interim = ""
+        self._vad_seen = False
+        self._user_speaking = False
+        self._audio_since_finalize = False
+        self._finals_pending = 0
+        self._no_final_pending = asyncio.Event()
+        self._no_final_pending.set()
 
     @classmethod
     async def preload(cls, *, model: str = DEFAULT_MODEL, chunk_ms: int = 160, device: str = "auto",
@@ -119,8 +127,23 @@ class NemotronSTTService(STTService):
         self._reader = self.create_task(self._read_results(self._stream), name="nemotron_stt_results")
 
     async def stop(self, frame: EndFrame):
+        await self._flush_last_utterance()
         await super().stop(frame)
         await self._close_stream()
+
+    async def _flush_last_utterance(self):
+        """A graceful end loses no words: finalize an utterance still open (the user was speaking, or there is
+        no VAD in the pipeline) and wait for the finals still being computed."""
+        if self._stream is None:
+            return
+        if self._audio_since_finalize and (self._user_speaking or not self._vad_seen):
+            await self._finalize_utterance()
+        if self._finals_pending:
+            try:
+                await asyncio.wait_for(self._no_final_pending.wait(), END_FLUSH_TIMEOUT_S)
+            except TimeoutError:
+                logger.warning(f"{self}: {self._finals_pending} final(s) not ready {END_FLUSH_TIMEOUT_S} s after "
+                               "EndFrame; closing without them")
 
     async def cancel(self, frame: CancelFrame):
         await super().cancel(frame)
@@ -147,19 +170,32 @@ class NemotronSTTService(STTService):
         except NemotronEngineError as error:
             yield ErrorFrame(error=f"Nemotron STT: {error}")
             return
+        self._audio_since_finalize = True
         yield None
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
-        if isinstance(frame, VADUserStoppedSpeakingFrame) and self._stream is not None:
-            try:
-                if self.sample_rate != SAMPLE_RATE:
-                    # the resampler's filter holds the last few ms: they belong to this utterance
-                    self._stream.feed(await self._resampler.flush())
-                self._stream.finalize()
-                self.request_finalize()
-            except NemotronEngineError as error:
-                await self.push_error(error_msg=f"Nemotron STT: {error}", exception=error)
+        if isinstance(frame, VADUserStartedSpeakingFrame):
+            self._vad_seen = self._user_speaking = True
+        elif isinstance(frame, VADUserStoppedSpeakingFrame):
+            self._vad_seen, self._user_speaking = True, False
+            await self._finalize_utterance()
+
+    async def _finalize_utterance(self):
+        if self._stream is None:
+            return
+        try:
+            if self.sample_rate != SAMPLE_RATE:
+                # the resampler's filter holds the last few ms: they belong to this utterance
+                self._stream.feed(await self._resampler.flush())
+            self._stream.finalize()
+        except NemotronEngineError as error:
+            await self.push_error(error_msg=f"Nemotron STT: {error}", exception=error)
+            return
+        self._audio_since_finalize = False
+        self._finals_pending += 1
+        self._no_final_pending.clear()
+        self.request_finalize()
 
     async def _update_settings(self, delta: NemotronSTTSettings) -> dict:
         if is_given(delta.model) and delta.model != self._settings.model:
@@ -194,6 +230,10 @@ class NemotronSTTService(STTService):
         await self.push_frame(TranscriptionFrame(final.text, self._user_id, time_now_iso8601(), language,
                                                  result=final, finalized=True))
         await self._handle_transcription(final.text, True, language)
+        # only now: a stop() waiting on this would otherwise cancel the reader mid-push
+        self._finals_pending = max(0, self._finals_pending - 1)
+        if not self._finals_pending:
+            self._no_final_pending.set()
 
     @traced_stt
     async def _handle_transcription(self, transcript: str, is_final: bool, language: Language | None = None):

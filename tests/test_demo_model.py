@@ -120,3 +120,35 @@ async def test_streaming_text_equals_offline(demo_engine, rows):
                 encoder_output=encoded, encoded_lengths=lengths, return_hypotheses=True)[0]
         offline = model.tokenizer.ids_to_text([int(t) for t in hypothesis.y_sequence])
         assert final.text == " ".join(re.sub(r"\s*<[a-z]{2}-[A-Z]{2}>", "", offline).split())
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_service_gives_the_same_words_at_8_16_and_48_khz(demo_engine, rows, language):
+    """One held-out utterance through NemotronSTTService at each transport rate (Pipecat's resampler, VAD frames):
+    the same words, right, with the language detected."""
+    from pipecat.frames.frames import (InputAudioRawFrame, TranscriptionFrame, VADUserStartedSpeakingFrame,
+                                       VADUserStoppedSpeakingFrame)
+    from pipecat.pipeline.worker import PipelineParams
+    from pipecat.tests.utils import SleepFrame, run_test
+    from pipecat_nemotron.languages import locale_to_language
+    from pipecat_nemotron.stt import NemotronSTTService
+
+    row = next(r for r in rows if r["lang"] == language and len(normalise(r["text"])) >= 4)
+    source = np.concatenate([np.zeros(3200, np.float32), row["audio"], np.zeros(3200, np.float32)])  # 16 kHz
+    texts = {}
+    for rate in (8000, 16000, 48000):
+        audio = resample_poly(source, rate, 16000).astype(np.float32)
+        pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+        step = rate // 50
+        frames = [VADUserStartedSpeakingFrame(start_secs=0.2),
+                  *[InputAudioRawFrame(audio=pcm[i:i + step].tobytes(), sample_rate=rate, num_channels=1)
+                    for i in range(0, len(pcm), step)],
+                  SleepFrame(sleep=0.3), VADUserStoppedSpeakingFrame(stop_secs=0.2), SleepFrame(sleep=0.5)]
+        down, _ = await run_test(NemotronSTTService(engine=demo_engine), frames_to_send=frames,
+                                 pipeline_params=PipelineParams(audio_in_sample_rate=rate))
+        finals = [f for f in down if isinstance(f, TranscriptionFrame)]
+        assert len(finals) == 1 and finals[0].finalized, (rate, finals)
+        assert finals[0].language == locale_to_language(language), (rate, finals[0].language)
+        texts[rate] = normalise(finals[0].text)
+    print(language, texts)
+    assert texts[8000] == texts[16000] == texts[48000] == normalise(row["text"]), texts

@@ -161,3 +161,18 @@ async def test_cancel_mid_utterance_frees_the_stream(engine):
 async def test_unsupported_language_is_a_clear_error():
     with pytest.raises(ValueError, match="Supported: transcription-ready"):
         NemotronSTTService(model="demo", language=Language.SW)
+
+
+@pytest.mark.parametrize("vad_stop", [True, False], ids=["end-right-after-vad-stop", "hang-up-mid-utterance"])
+async def test_end_frame_loses_no_words(engine, vad_stop):
+    # A caller hangs up: EndFrame follows at once, before the engine has caught up, or with the user still talking.
+    audio = speechlike(2.0, seed=21)
+    frames = [VADUserStartedSpeakingFrame(start_secs=0.2), *pcm_frames(audio, 16000)]
+    if vad_stop:
+        frames.append(VADUserStoppedSpeakingFrame(stop_secs=0.2))
+    down, _ = await run_test(NemotronSTTService(engine=engine, language=Language.EN_US), frames_to_send=frames,
+                             pipeline_params=PipelineParams(audio_in_sample_rate=16000))
+    finals = [f for f in down if isinstance(f, TranscriptionFrame)]
+    expected = await engine_final(engine, audio)
+    assert [f.text for f in finals] == [expected.text] and expected.text
+    assert engine.open_streams == 0
