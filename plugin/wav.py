@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import audioop  # stdlib until 3.12; the `audioop-lts` package provides it on 3.13+
+from .transports import g711
 
 FORMAT_PCM, FORMAT_FLOAT, FORMAT_ALAW, FORMAT_MULAW, FORMAT_EXTENSIBLE = 1, 3, 6, 7, 0xFFFE
 FORMAT_NAMES = {FORMAT_PCM: "PCM", FORMAT_FLOAT: "float", FORMAT_ALAW: "A-law", FORMAT_MULAW: "μ-law"}
@@ -70,13 +67,13 @@ def read_wav(path: str | Path) -> Wav:
 
 def _decode(tag: int, bits: int, payload: bytes, path) -> np.ndarray:
     if tag == FORMAT_MULAW:
-        return np.frombuffer(audioop.ulaw2lin(payload, 2), dtype="<i2").copy()
+        return np.frombuffer(g711.decode(payload, "PCMU"), dtype="<i2").copy()
     if tag == FORMAT_ALAW:
-        return np.frombuffer(audioop.alaw2lin(payload, 2), dtype="<i2").copy()
+        return np.frombuffer(g711.decode(payload, "PCMA"), dtype="<i2").copy()
     if tag == FORMAT_PCM and bits in (8, 16, 24, 32):
         if bits == 8:
             return ((np.frombuffer(payload, dtype=np.uint8).astype(np.int16) - 128) << 8).astype(np.int16)
-        return np.frombuffer(audioop.lin2lin(payload, bits // 8, 2), dtype="<i2").copy()
+        return np.frombuffer(g711.audioop.lin2lin(payload, bits // 8, 2), dtype="<i2").copy()
     if tag == FORMAT_FLOAT and bits in (32, 64):
         floats = np.frombuffer(payload, dtype="<f4" if bits == 32 else "<f8")
         return (np.clip(np.nan_to_num(floats), -1, 1) * 32767).astype(np.int16)
@@ -87,8 +84,8 @@ def _decode(tag: int, bits: int, payload: bytes, path) -> np.ndarray:
 def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int, *, encoding: str = "pcm") -> None:
     """Write mono int16 samples as 16-bit PCM, μ-law ("mulaw") or A-law ("alaw")."""
     pcm = np.asarray(samples, dtype=np.int16).tobytes()
-    tag, bits, body = {"pcm": (FORMAT_PCM, 16, pcm), "mulaw": (FORMAT_MULAW, 8, audioop.lin2ulaw(pcm, 2)),
-                       "alaw": (FORMAT_ALAW, 8, audioop.lin2alaw(pcm, 2))}[encoding]
+    tag, bits, body = {"pcm": (FORMAT_PCM, 16, pcm), "mulaw": (FORMAT_MULAW, 8, g711.encode(pcm, "PCMU")),
+                       "alaw": (FORMAT_ALAW, 8, g711.encode(pcm, "PCMA"))}[encoding]
     width = bits // 8
     fmt = struct.pack("<HHIIHH", tag, 1, sample_rate, sample_rate * width, width, bits)
     if tag != FORMAT_PCM:

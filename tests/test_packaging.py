@@ -17,6 +17,7 @@ def test_wheel_maps_plugin_and_transports(tmp_path):
     assert "pipecat_nemotron/engine/scheduler.py" in names
     assert "pipecat_nemotron/transports/__init__.py" in names
     assert "pipecat_nemotron/transports/sip/uas.py" in names
+    assert "pipecat_nemotron/transports/g711.py" in names
     assert "pipecat_nemotron/static/index.html" in names
     assert not any(name.startswith(("plugin/", "transports/", "tests/")) for name in names)
 

@@ -12,18 +12,15 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
-import warnings
 from collections import deque
 from dataclasses import dataclass
 
 from aiortc.rtp import RtpPacket
 from loguru import logger
 
+from ..g711 import decode as g711_decode
+from ..g711 import encode as g711_encode
 from .sdp import Negotiated
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import audioop  # stdlib until 3.12; the `audioop-lts` package provides it on 3.13+
 
 SAMPLE_RATE = 8000
 PTIME_S = 0.020
@@ -33,24 +30,6 @@ MAX_CONCEALED_PACKETS = 5
 DTMF_EVENTS = "0123456789*#ABCD"
 RTCP_PAYLOAD_TYPES = range(72, 77)  # RTCP packet types 200-204 with the marker bit masked off
 CN_PAYLOAD_TYPE = 13
-
-
-def g711_decode(payload: bytes, codec: str) -> bytes:
-    """G.711 bytes → 16-bit little-endian PCM."""
-    if codec == "PCMU":
-        return audioop.ulaw2lin(payload, 2)
-    if codec == "PCMA":
-        return audioop.alaw2lin(payload, 2)
-    raise ValueError(f"unsupported codec {codec}")
-
-
-def g711_encode(pcm: bytes, codec: str) -> bytes:
-    """16-bit little-endian PCM → G.711 bytes."""
-    if codec == "PCMU":
-        return audioop.lin2ulaw(pcm, 2)
-    if codec == "PCMA":
-        return audioop.lin2alaw(pcm, 2)
-    raise ValueError(f"unsupported codec {codec}")
 
 
 def _even_ports(ports: tuple[int, int], tries: int = 64) -> list[int]:
