@@ -20,17 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aiortc.rtp import RtpPacket
-from pipecat.frames.frames import EndFrame, InputAudioRawFrame, InputDTMFFrame, OutputAudioRawFrame, StartFrame
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pipecat.workers.runner import WorkerRunner
+from pipecat.frames.frames import EndFrame, InputAudioRawFrame, InputDTMFFrame
 
-from pipecat_nemotron.transports.sip import SIPCallTransport, SIPConfig, SIPUserAgentServer
+import sip_support
 from pipecat_nemotron.transports.sip.rtp import g711_decode, g711_encode
+from sip_support import HOST, Collector, calls_recorder, run_call_pipeline
 
 SCENARIOS = Path(__file__).parent / "sip"
-HOST = "127.0.0.1"
 CLONE_NEWNET = 0x40000000
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
@@ -75,46 +71,14 @@ def free_port(kind=socket.SOCK_DGRAM) -> int:
         return s.getsockname()[1]
 
 
-class Collector(FrameProcessor):
-    """A plain sink that keeps what reaches it (no ASR model)."""
-
-    def __init__(self):
-        super().__init__()
-        self.frames = []
-
-    async def process_frame(self, frame, direction: FrameDirection):
-        await super().process_frame(frame, direction)
-        self.frames.append(frame)
-        await self.push_frame(frame, direction)
-
-    def of(self, cls):
-        return [f for f in self.frames if isinstance(f, cls)]
-
-
-async def run_pipeline(call, collector, *, bot_audio=b"", bot_hangs_up_after=None):
-    """transport.input() → collector → transport.output(), as an application's on_call would."""
-    transport = SIPCallTransport(call=call)
-    worker = PipelineWorker(Pipeline([transport.input(), collector, transport.output()]),
-                            params=PipelineParams(audio_in_sample_rate=8000, audio_out_sample_rate=8000),
-                            idle_timeout_secs=None, enable_rtvi=False)
-    runner = WorkerRunner(handle_sigint=False)
-    await runner.add_workers(worker)
-    run = asyncio.ensure_future(runner.run())
-    if bot_audio or bot_hangs_up_after is not None:
-        while not collector.of(StartFrame):
-            await asyncio.sleep(0.01)
-    if bot_audio:
-        await worker.queue_frame(OutputAudioRawFrame(audio=bot_audio, sample_rate=8000, num_channels=1))
-    if bot_hangs_up_after is not None:
-        await asyncio.sleep(bot_hangs_up_after)
-        await worker.queue_frame(EndFrame())
-    await asyncio.wait_for(run, 20)
+def serving(on_call=None, **config):
+    """``sip_support.serving`` on a port picked by ``free_port`` first, as the peers are told it."""
+    return sip_support.serving(on_call, port=free_port(), **config)
 
 
 async def start_server(on_call=None, **config):
-    server = SIPUserAgentServer(config=SIPConfig(host=HOST, port=free_port(), **config), on_call=on_call)
-    await server.start()
-    return server
+    """A started server on a free port; the caller stops it (test_sip_transcription uses this)."""
+    return await sip_support.start_server(on_call, port=free_port(), **config)
 
 
 async def sipp(scenario: str, server_port: int, *, timeout: float = 15.0, tmp_path: Path,
@@ -144,10 +108,9 @@ async def test_sipp_rfc4733_digits_become_input_dtmf_frames_and_injected_rtp_is_
 
     async def on_call(call):
         calls.append(call)
-        await run_pipeline(call, collector)
+        await run_call_pipeline(call, collector)
 
-    server = await start_server(on_call)
-    try:
+    async with serving(on_call) as server:
         call_task = asyncio.ensure_future(sipp("uac_dtmf", server.port, tmp_path=tmp_path))
         while not (calls and calls[0].rtp.latched):
             await asyncio.sleep(0.02)
@@ -166,48 +129,32 @@ async def test_sipp_rfc4733_digits_become_input_dtmf_frames_and_injected_rtp_is_
         assert collector.of(InputAudioRawFrame) == []  # sipp sent no audio and the injected packets were dropped
         assert calls[0].rtp.stats.ignored >= 5 and calls[0].outcome == "caller hung up"
         assert any(isinstance(f, EndFrame) for f in collector.frames)  # the caller's BYE ended the pipeline
-    finally:
-        await server.stop()
 
 
 @needs_sipp
 async def test_sipp_dtmf_call_over_tcp(tmp_path):
-    calls = []
-
-    async def on_call(call):
-        calls.append(call)
-        await call.ended.wait()
-
-    server = await start_server(on_call)
-    try:
+    calls, on_call = calls_recorder()
+    async with serving(on_call) as server:
         status, log = await sipp("uac_dtmf", server.port, tmp_path=tmp_path, tcp=True)
         assert status == 0, log
         assert calls[0].rtp.stats.dtmf_digits == "15#" and calls[0].outcome == "caller hung up"
-    finally:
-        await server.stop()
 
 
 @needs_sipp
 async def test_sipp_cancel_while_ringing(tmp_path):
     calls = []
-    server = await start_server(lambda call: calls.append(call), ring_secs=3)
-    try:
+    async with serving(lambda call: calls.append(call), ring_secs=3) as server:
         status, log = await sipp("uac_cancel", server.port, tmp_path=tmp_path)
         assert status == 0, log
         assert calls == [] and server.active_calls == 0
         assert next(iter(server.calls.values())).outcome == "cancelled by caller"
-    finally:
-        await server.stop()
 
 
 @needs_sipp
 async def test_sipp_options(tmp_path):
-    server = await start_server()
-    try:
+    async with serving() as server:
         status, log = await sipp("uac_options", server.port, tmp_path=tmp_path)
         assert status == 0, log
-    finally:
-        await server.stop()
 
 
 @needs_sipp
@@ -216,64 +163,42 @@ async def test_sipp_bot_hangs_up_with_endframe(tmp_path):
 
     async def on_call(call):
         await call.confirmed.wait()
-        await run_pipeline(call, collector, bot_hangs_up_after=0.3)
+        await run_call_pipeline(call, collector, bot_hangs_up_after=0.3)
 
-    server = await start_server(on_call)
-    try:
+    async with serving(on_call) as server:
         status, log = await sipp("uac_server_bye", server.port, tmp_path=tmp_path)
         assert status == 0, log
         assert next(iter(server.calls.values())).outcome == "bot hung up"
-    finally:
-        await server.stop()
 
 
 @needs_sipp
 async def test_sipp_reinvite_hold(tmp_path):
-    calls = []
-
-    async def on_call(call):
-        calls.append(call)
-        await call.ended.wait()
-
-    server = await start_server(on_call)
-    try:
+    calls, on_call = calls_recorder()
+    async with serving(on_call) as server:
         status, log = await sipp("uac_reinvite", server.port, tmp_path=tmp_path)
         assert status == 0, log
         assert calls[0].negotiated.direction == "recvonly" and calls[0].outcome == "caller hung up"
-    finally:
-        await server.stop()
 
 
 @needs_sipp
 async def test_sipp_peer_not_allowed_403(tmp_path):
     calls = []
-    server = await start_server(lambda call: calls.append(call), allowed_peers=("192.0.2.0/24",))
-    try:
+    async with serving(lambda call: calls.append(call), allowed_peers=("192.0.2.0/24",)) as server:
         status, log = await sipp("uac_rejected_403", server.port, tmp_path=tmp_path)
         assert status == 0, log
         assert calls == [] and not server.calls
-    finally:
-        await server.stop()
 
 
 @needs_sipp
 async def test_sipp_over_call_limit_503(tmp_path):
-    calls = []
-
-    async def on_call(call):
-        calls.append(call)
-        await call.ended.wait()
-
-    server = await start_server(on_call, max_calls=1)
-    try:
+    calls, on_call = calls_recorder()
+    async with serving(on_call, max_calls=1) as server:
         first = asyncio.ensure_future(sipp("uac_dtmf", server.port, tmp_path=tmp_path))
         while server.active_calls < 1:
             await asyncio.sleep(0.02)
         status, log = await sipp("uac_rejected_503", server.port, tmp_path=tmp_path)
         assert status == 0, log
         assert (await first)[0] == 0 and len(calls) == 1
-    finally:
-        await server.stop()
 
 
 @needs_sipp
@@ -288,30 +213,29 @@ async def test_through_a_record_routing_proxy_bot_bye_follows_the_route_set(tmp_
     async def on_call(call):
         calls.append(call)
         await call.confirmed.wait()
-        await run_pipeline(call, collector, bot_hangs_up_after=0.3)
+        await run_call_pipeline(call, collector, bot_hangs_up_after=0.3)
 
-    server = await start_server(on_call, t1=0.2)  # a lost ACK would show as a "no ACK" outcome within 12.8 s
-    proxy_port = free_port()
-    config = (SCENARIOS / "kamailio-proxy.cfg").read_text().replace("TARGET_PORT", str(server.port)) \
-        .replace("PROXY_PORT", str(proxy_port)).replace("MODULE_PATH", str(module_path))
-    (tmp_path / "proxy.cfg").write_text(config)
-    kamailio = shutil.which("kamailio") or "/usr/sbin/kamailio"
-    proxy = await asyncio.create_subprocess_exec(
-        kamailio, "-f", str(tmp_path / "proxy.cfg"), "-DD", "-E", "-w", str(tmp_path), "-Y", str(tmp_path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    try:
-        await asyncio.sleep(0.5)
-        assert proxy.returncode is None, (await proxy.stderr.read()).decode(errors="replace")[-2000:]
-        status, log = await sipp("uac_server_bye", proxy_port, tmp_path=tmp_path)
-        assert status == 0, log
-        call = calls[0]
-        assert call.outcome == "bot hung up"
-        assert len(call.invite.get_all("Via")) == 2 and call.route_set
-        assert str(proxy_port) in call.route_set[0]
-    finally:
-        proxy.terminate()
-        await proxy.wait()
-        await server.stop()
+    async with serving(on_call, t1=0.2) as server:  # a lost ACK would show as a "no ACK" outcome within 12.8 s
+        proxy_port = free_port()
+        config = (SCENARIOS / "kamailio-proxy.cfg").read_text().replace("TARGET_PORT", str(server.port)) \
+            .replace("PROXY_PORT", str(proxy_port)).replace("MODULE_PATH", str(module_path))
+        (tmp_path / "proxy.cfg").write_text(config)
+        kamailio = shutil.which("kamailio") or "/usr/sbin/kamailio"
+        proxy = await asyncio.create_subprocess_exec(
+            kamailio, "-f", str(tmp_path / "proxy.cfg"), "-DD", "-E", "-w", str(tmp_path), "-Y", str(tmp_path),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            await asyncio.sleep(0.5)
+            assert proxy.returncode is None, (await proxy.stderr.read()).decode(errors="replace")[-2000:]
+            status, log = await sipp("uac_server_bye", proxy_port, tmp_path=tmp_path)
+            assert status == 0, log
+            call = calls[0]
+            assert call.outcome == "bot hung up"
+            assert len(call.invite.get_all("Via")) == 2 and call.route_set
+            assert str(proxy_port) in call.route_set[0]
+        finally:
+            proxy.terminate()
+            await proxy.wait()
 
 
 def write_wav(path: Path, samples: np.ndarray) -> None:
@@ -374,10 +298,9 @@ async def test_baresip_call_audio_both_ways(tmp_path, network):
 
     async def on_call(call):
         calls.append(call)
-        await run_pipeline(call, collector, bot_audio=bot_audio.tobytes())
+        await run_call_pipeline(call, collector, bot_audio=bot_audio.tobytes())
 
-    server = await start_server(on_call)
-    try:
+    async with serving(on_call) as server:
         proc = await asyncio.create_subprocess_exec(
             "baresip", "-f", str(config_dir), "-e", f"/dial sip:bot@{HOST}:{server.port}", "-t", "4",
             cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
@@ -385,8 +308,6 @@ async def test_baresip_call_audio_both_ways(tmp_path, network):
         assert calls, output.decode(errors="replace")[-2000:]
         await asyncio.wait_for(calls[0].ended.wait(), 5)
         await asyncio.sleep(0.3)
-    finally:
-        await server.stop()
     assert calls[0].outcome == "caller hung up" and calls[0].negotiated.codec == "PCMU"
     # What the caller played arrives as InputAudioRawFrames equal to its G.711 round trip.
     received = np.frombuffer(b"".join(f.audio for f in collector.of(InputAudioRawFrame)), dtype="<i2")

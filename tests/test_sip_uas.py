@@ -3,21 +3,15 @@
 import asyncio
 import secrets
 import struct
+from contextlib import closing
 
 import pytest
 from aiortc.rtp import RtpPacket
-from pipecat.frames.frames import (EndFrame, Frame, InputAudioRawFrame, InputDTMFFrame, OutputAudioRawFrame,
-                                   StartFrame)
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
-from pipecat.workers.runner import WorkerRunner
+from pipecat.frames.frames import InputAudioRawFrame, InputDTMFFrame
 
-from pipecat_nemotron.transports.sip import SIPCallTransport, SIPConfig, SIPUserAgentServer
 from pipecat_nemotron.transports.sip.message import SIPRequest, SIPResponse, parse_address, parse_message, parse_via
 from pipecat_nemotron.transports.sip.sdp import parse_sdp
-
-HOST = "127.0.0.1"
+from sip_support import HOST, Collector, calls_recorder, run_call_pipeline, serving, until
 
 
 class Peer(asyncio.DatagramProtocol):
@@ -113,6 +107,14 @@ class Dialog:
         body = offer(self.rtp_port, direction) if with_sdp else ""
         self.peer.send(self.request("INVITE", body=body, branch=self.invite_branch, compact=compact), self.server_port)
 
+    async def connect(self, **invite) -> SIPResponse:
+        """INVITE, take the To-tag of the 200 and ACK it (an answered call); returns the 200."""
+        self.invite(**invite)
+        ok = await self.peer.expect(status=200)
+        self.take_tag(ok)
+        self.ack()
+        return ok
+
     def take_tag(self, response: SIPResponse):
         self.to = response.get("To")
 
@@ -138,35 +140,9 @@ async def rtp_peer():
     p.close()
 
 
-async def start_server(on_call=None, **config):
-    server = SIPUserAgentServer(config=SIPConfig(host=HOST, port=0, **config), on_call=on_call)
-    await server.start()
-    return server
-
-
-async def until(condition, timeout=3.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.01)
-
-
-def calls_recorder():
-    calls = []
-
-    async def on_call(call):
-        calls.append(call)
-        await call.ended.wait()
-
-    return calls, on_call
-
-
 async def test_invite_answer_ack_then_caller_bye(peer, rtp_peer):
     calls, on_call = calls_recorder()
-    server = await start_server(on_call)
-    try:
+    async with serving(on_call) as server:
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
         dialog.invite_branch = "z9hG4bKpai"
         peer.send(dialog.request("INVITE", body=offer(rtp_peer.port), branch=dialog.invite_branch,
@@ -196,14 +172,11 @@ async def test_invite_answer_ack_then_caller_bye(peer, rtp_peer):
         await until(lambda: call.outcome == "caller hung up")
         dialog.send("BYE")
         assert (await peer.expect(status=481)).cseq[1] == "BYE"  # that dialog is gone
-    finally:
-        await server.stop()
 
 
 async def test_200_retransmitted_until_ack_then_bye(peer, rtp_peer):
     calls, on_call = calls_recorder()
-    server = await start_server(on_call, t1=0.02, t2=0.08)  # 64·T1 = 1.28 s
-    try:
+    async with serving(on_call, t1=0.02, t2=0.08) as server:  # 64·T1 = 1.28 s
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
         dialog.invite()
         await peer.expect(status=200)
@@ -211,29 +184,21 @@ async def test_200_retransmitted_until_ack_then_bye(peer, rtp_peer):
         bye = await peer.expect(method="BYE", timeout=3)
         assert parse_address(bye.get("To")).tag == dialog.from_tag
         await until(lambda: calls and calls[0].outcome == "no ACK")
-    finally:
-        await server.stop()
 
 
 async def test_ack_stops_retransmissions(peer, rtp_peer):
-    server = await start_server(None, t1=0.02, t2=0.08)
-    try:
+    async with serving(None, t1=0.02, t2=0.08) as server:
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
-        dialog.invite()
-        dialog.take_tag(await peer.expect(status=200))
-        dialog.ack()
+        await dialog.connect()
         await asyncio.sleep(0.1)
         while not peer.inbox.empty():
             peer.inbox.get_nowait()
         assert await peer.count(200, 0.4) == 0
-    finally:
-        await server.stop()
 
 
 async def test_invite_retransmission_absorbed(peer, rtp_peer):
     calls, on_call = calls_recorder()
-    server = await start_server(on_call, ring_secs=0.3)
-    try:
+    async with serving(on_call, ring_secs=0.3) as server:
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
         dialog.invite()
         await peer.expect(status=180)
@@ -243,14 +208,11 @@ async def test_invite_retransmission_absorbed(peer, rtp_peer):
         await peer.expect(status=200)
         await asyncio.sleep(0.1)
         assert len(calls) == 1 and len(server.calls) == 1
-    finally:
-        await server.stop()
 
 
 async def test_cancel_gives_200_and_487(peer, rtp_peer):
     calls, on_call = calls_recorder()
-    server = await start_server(on_call, ring_secs=5)
-    try:
+    async with serving(on_call, ring_secs=5) as server:
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
         dialog.invite()
         await peer.expect(status=180)
@@ -265,13 +227,10 @@ async def test_cancel_gives_200_and_487(peer, rtp_peer):
         assert calls == [] and server.active_calls == 0
         peer.send(dialog.request("CANCEL", branch="z9hG4bKnope"), server.port)
         assert (await peer.expect(status=481)).cseq[1] == "CANCEL"
-    finally:
-        await server.stop()
 
 
 async def test_options_info_unknown_methods_and_unknown_dialogs(peer):
-    server = await start_server()
-    try:
+    async with serving() as server:
         dialog = Dialog(peer, server.port)
         dialog.send("OPTIONS", compact=True)
         ok = await peer.expect(status=200)
@@ -285,14 +244,11 @@ async def test_options_info_unknown_methods_and_unknown_dialogs(peer):
             dialog.send(method)
             response = await peer.expect(status=481)
             assert response.cseq[1] == method and parse_address(response.get("To")).tag == "unknown"
-    finally:
-        await server.stop()
 
 
 async def test_reinvite_hold_update_and_info(peer, rtp_peer):
     calls, on_call = calls_recorder()
-    server = await start_server(on_call)
-    try:
+    async with serving(on_call) as server:
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
         dialog.invite()
         first = await peer.expect(status=200)
@@ -315,13 +271,10 @@ async def test_reinvite_hold_update_and_info(peer, rtp_peer):
         assert (await peer.expect(status=200)).cseq[1] == "INFO"
         assert calls[0].rtp.stats.dtmf_digits == "7"
         assert calls[0].active
-    finally:
-        await server.stop()
 
 
 async def test_required_extension_420_and_rtp_port_range(peer, rtp_peer):
-    server = await start_server(rtp_ports=(40000, 40100))
-    try:
+    async with serving(rtp_ports=(40000, 40100)) as server:
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
         peer.send(dialog.request("INVITE", body=offer(rtp_peer.port), extra="Require: 100rel\r\n"), server.port)
         rejected = await peer.expect(status=420)
@@ -330,67 +283,48 @@ async def test_required_extension_420_and_rtp_port_range(peer, rtp_peer):
         ok = await peer.expect(status=200)
         port = parse_sdp(ok.body).media[0].port
         assert 40000 <= port <= 40100 and port % 2 == 0
-    finally:
-        await server.stop()
 
 
 async def test_reinvite_to_new_media_address_relatches(peer, rtp_peer):
     calls, on_call = calls_recorder()
-    server = await start_server(on_call)
-    moved = await Peer.open()
-    try:
-        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
-        dialog.invite()
-        dialog.take_tag(await peer.expect(status=200))
-        dialog.ack()
-        _, server_rtp = await asyncio.wait_for(rtp_peer.inbox.get(), 2)
-        rtp_peer.send(rtp(1), server_rtp[1])
-        await until(lambda: calls and calls[0].rtp.latched == (HOST, rtp_peer.port))
-        dialog.send("INVITE", body=offer(moved.port))  # e.g. the PBX moved the media to another endpoint
-        await peer.expect(status=200)
-        dialog.ack()
-        await asyncio.wait_for(moved.inbox.get(), 1)  # our RTP now goes to the new address
-        moved.send(rtp(2), server_rtp[1])
-        await until(lambda: calls[0].rtp.latched == (HOST, moved.port))
-    finally:
-        moved.close()
-        await server.stop()
+    async with serving(on_call) as server:
+        with closing(await Peer.open()) as moved:
+            dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+            await dialog.connect()
+            _, server_rtp = await asyncio.wait_for(rtp_peer.inbox.get(), 2)
+            rtp_peer.send(rtp(1), server_rtp[1])
+            await until(lambda: calls and calls[0].rtp.latched == (HOST, rtp_peer.port))
+            dialog.send("INVITE", body=offer(moved.port))  # e.g. the PBX moved the media to another endpoint
+            await peer.expect(status=200)
+            dialog.ack()
+            await asyncio.wait_for(moved.inbox.get(), 1)  # our RTP now goes to the new address
+            moved.send(rtp(2), server_rtp[1])
+            await until(lambda: calls[0].rtp.latched == (HOST, moved.port))
 
 
 async def test_call_limit_503_before_application_work(peer, rtp_peer):
     calls, on_call = calls_recorder()
-    server = await start_server(on_call, max_calls=1)
-    try:
+    async with serving(on_call, max_calls=1) as server:
         first = Dialog(peer, server.port, rtp_port=rtp_peer.port)
-        first.invite()
-        first.take_tag(await peer.expect(status=200))
-        first.ack()
+        await first.connect()
         second = Dialog(peer, server.port, rtp_port=rtp_peer.port)
         second.invite()
         busy = await peer.expect(status=503)
         assert busy.call_id == second.call_id and parse_address(busy.get("To")).tag
         await asyncio.sleep(0.1)
         assert len(calls) == 1
-    finally:
-        await server.stop()
 
 
 async def test_peer_not_allowed_403(peer, rtp_peer):
     calls, on_call = calls_recorder()
-    server = await start_server(on_call, allowed_peers=("10.0.0.0/8", "192.0.2.1"))
-    try:
+    async with serving(on_call, allowed_peers=("10.0.0.0/8", "192.0.2.1")) as server:
         Dialog(peer, server.port, rtp_port=rtp_peer.port).invite()
         await peer.expect(status=403)
         await asyncio.sleep(0.1)
         assert calls == [] and not server.calls
-    finally:
-        await server.stop()
-    server = await start_server(on_call, allowed_peers=("127.0.0.0/8",))
-    try:
+    async with serving(on_call, allowed_peers=("127.0.0.0/8",)) as server:
         Dialog(peer, server.port, rtp_port=rtp_peer.port).invite()
         await peer.expect(status=200)
-    finally:
-        await server.stop()
 
 
 async def test_bot_hangup_uses_route_set_and_swapped_from_to(peer, rtp_peer):
@@ -398,8 +332,7 @@ async def test_bot_hangup_uses_route_set_and_swapped_from_to(peer, rtp_peer):
         await call.confirmed.wait()
         await call.hangup("bot done")
 
-    server = await start_server(on_call)
-    try:
+    async with serving(on_call) as server:
         route = f"<sip:{HOST}:{peer.port};lr>"
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port, record_route=route)
         dialog.invite()
@@ -416,48 +349,33 @@ async def test_bot_hangup_uses_route_set_and_swapped_from_to(peer, rtp_peer):
         peer.send(response.to_bytes(), server.port)
         call = next(iter(server.calls.values()))
         await until(lambda: call.outcome == "bot done")
-    finally:
-        await server.stop()
 
 
 async def test_max_call_length(peer, rtp_peer):
     calls, on_call = calls_recorder()
-    server = await start_server(on_call, max_call_secs=0.3)
-    try:
+    async with serving(on_call, max_call_secs=0.3) as server:
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
-        dialog.invite()
-        dialog.take_tag(await peer.expect(status=200))
-        dialog.ack()
+        await dialog.connect()
         await peer.expect(method="BYE", timeout=2)
         assert calls[0].outcome == "max call length"
-    finally:
-        await server.stop()
 
 
 async def test_rtp_timeout_hangs_up_unless_on_hold(peer, rtp_peer):
     calls, on_call = calls_recorder()
-    server = await start_server(on_call, rtp_timeout_secs=0.4)
-    try:
+    async with serving(on_call, rtp_timeout_secs=0.4) as server:
         held = Dialog(peer, server.port, rtp_port=rtp_peer.port)
-        held.invite(direction="inactive")
-        held.take_tag(await peer.expect(status=200))
-        held.ack()
+        await held.connect(direction="inactive")
         silent = Dialog(peer, server.port, rtp_port=rtp_peer.port)
-        silent.invite()
-        silent.take_tag(await peer.expect(status=200))
-        silent.ack()
+        await silent.connect()
         bye = await peer.expect(method="BYE", timeout=3)
         assert bye.call_id == silent.call_id
         by_id = {call.call_id: call for call in calls}
         assert by_id[silent.call_id].outcome.startswith("RTP timeout") and by_id[held.call_id].active
-    finally:
-        await server.stop()
 
 
 async def test_delayed_offer_answer_in_ack(peer, rtp_peer):
     calls, on_call = calls_recorder()
-    server = await start_server(on_call)
-    try:
+    async with serving(on_call) as server:
         dialog = Dialog(peer, server.port)
         dialog.invite(with_sdp=False)
         ok = await peer.expect(status=200)
@@ -469,20 +387,15 @@ async def test_delayed_offer_answer_in_ack(peer, rtp_peer):
         assert calls[0].negotiated.codec == "PCMA"
         data, _ = await asyncio.wait_for(rtp_peer.inbox.get(), 1)
         assert RtpPacket.parse(data).payload_type == 8
-    finally:
-        await server.stop()
 
 
 async def test_488_when_no_g711(peer):
-    server = await start_server()
-    try:
+    async with serving() as server:
         dialog = Dialog(peer, server.port, rtp_port=4000)
         bad = offer(4000).replace("RTP/AVP 0 8 101", "RTP/AVP 96").replace("telephone-event", "opus")
         peer.send(dialog.request("INVITE", body=bad), server.port)
         await peer.expect(status=488)
         assert server.active_calls == 0
-    finally:
-        await server.stop()
 
 
 @pytest.mark.parametrize("junk", [
@@ -492,14 +405,11 @@ async def test_488_when_no_g711(peer):
     b"\r\n\r\n",
 ])
 async def test_malformed_input_never_breaks_the_server(peer, junk):
-    server = await start_server()
-    try:
+    async with serving() as server:
         peer.send(junk, server.port)
         dialog = Dialog(peer, server.port)
         dialog.send("OPTIONS")
         assert (await peer.expect(status=200)).call_id == dialog.call_id
-    finally:
-        await server.stop()
 
 
 async def test_mutated_messages_fuzz(peer):
@@ -510,91 +420,44 @@ async def test_mutated_messages_fuzz(peer):
 
     errors = []
     sink = logger.add(lambda message: errors.append(message), level="ERROR")
-    server = await start_server(t1=0.05)
     try:
-        rng = random.Random(5)
-        for i in range(300):
-            dialog = Dialog(peer, server.port, rtp_port=4000)
-            method = rng.choice(["INVITE", "OPTIONS", "BYE", "CANCEL", "ACK", "INFO"])
-            data = bytearray(dialog.request(method, body=offer(4000) if method == "INVITE" else "").encode())
-            for _ in range(rng.randint(1, 4)):
-                pos = rng.randrange(len(data))
-                if rng.random() < 0.5:
-                    data[pos] = rng.randrange(256)
-                else:
-                    data[pos:pos] = rng.choice([b":", b";", b"<", b"\r\n", b" ", b"\x00", b";tag=x", b","])
-            peer.send(bytes(data), server.port)
-            if i % 50 == 0:
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)
-        dialog = Dialog(peer, server.port)
-        dialog.send("OPTIONS")
-        while (await peer.expect(status=200, timeout=5)).call_id != dialog.call_id:
-            pass  # 200s to fuzzed requests that were still valid
-        assert errors == []
+        async with serving(t1=0.05) as server:
+            rng = random.Random(5)
+            for i in range(300):
+                dialog = Dialog(peer, server.port, rtp_port=4000)
+                method = rng.choice(["INVITE", "OPTIONS", "BYE", "CANCEL", "ACK", "INFO"])
+                data = bytearray(dialog.request(method, body=offer(4000) if method == "INVITE" else "").encode())
+                for _ in range(rng.randint(1, 4)):
+                    pos = rng.randrange(len(data))
+                    if rng.random() < 0.5:
+                        data[pos] = rng.randrange(256)
+                    else:
+                        data[pos:pos] = rng.choice([b":", b";", b"<", b"\r\n", b" ", b"\x00", b";tag=x", b","])
+                peer.send(bytes(data), server.port)
+                if i % 50 == 0:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            dialog = Dialog(peer, server.port)
+            dialog.send("OPTIONS")
+            while (await peer.expect(status=200, timeout=5)).call_id != dialog.call_id:
+                pass  # 200s to fuzzed requests that were still valid
+            assert errors == []
     finally:
         logger.remove(sink)
-        await server.stop()
 
 
 async def test_wrong_content_length_gets_400(peer):
-    server = await start_server()
-    try:
+    async with serving() as server:
         dialog = Dialog(peer, server.port)
         text = dialog.request("OPTIONS").replace("Content-Length: 0", "Content-Length: 50")
         peer.send(text, server.port)
         bad = await peer.expect(status=400)
         assert bad.call_id == dialog.call_id and "Content-Length" in bad.reason
-    finally:
-        await server.stop()
-
-
-class Collector(FrameProcessor):
-    """A plain sink: keeps every frame that reaches the end of the pipeline."""
-
-    def __init__(self):
-        super().__init__()
-        self.frames: list[Frame] = []
-
-    async def process_frame(self, frame, direction: FrameDirection):
-        await super().process_frame(frame, direction)
-        self.frames.append(frame)
-        await self.push_frame(frame, direction)
 
 
 def rtp(seq, *, pt=0, payload=b"\x7f" * 160, ts=None, marker=0):
     return RtpPacket(payload_type=pt, sequence_number=seq, timestamp=seq * 160 if ts is None else ts, ssrc=77,
                      marker=marker, payload=payload).serialize()
-
-
-async def run_call_pipeline(call, collector, *, bot_audio: bytes = b"", bot_ends: bool = False, bot_frames=()):
-    transport = SIPCallTransport(call=call)
-    events = []
-
-    @transport.event_handler("on_call_started")
-    async def started(_, c):
-        events.append(("started", c.identity["caller"]))
-
-    @transport.event_handler("on_call_ended")
-    async def ended(_, c):
-        events.append(("ended", c.outcome))
-
-    worker = PipelineWorker(Pipeline([transport.input(), collector, transport.output()]),
-                            params=PipelineParams(audio_in_sample_rate=8000, audio_out_sample_rate=8000),
-                            idle_timeout_secs=None, enable_rtvi=False)
-    runner = WorkerRunner(handle_sigint=False)
-    await runner.add_workers(worker)
-    run = asyncio.ensure_future(runner.run())
-    if bot_audio or bot_frames:
-        await until(lambda: any(isinstance(f, StartFrame) for f in collector.frames))
-    if bot_audio:
-        await worker.queue_frame(OutputAudioRawFrame(audio=bot_audio, sample_rate=8000, num_channels=1))
-    for frame in bot_frames:
-        await worker.queue_frame(frame)
-    if bot_ends:
-        await worker.queue_frame(EndFrame())
-    await asyncio.wait_for(run, 15)
-    return events
 
 
 async def test_transport_frames_dtmf_and_caller_hangup_ends_pipeline(peer, rtp_peer):
@@ -604,12 +467,9 @@ async def test_transport_frames_dtmf_and_caller_hangup_ends_pipeline(peer, rtp_p
     async def on_call(call):
         results["events"] = await run_call_pipeline(call, collector)
 
-    server = await start_server(on_call)
-    try:
+    async with serving(on_call) as server:
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
-        dialog.invite()
-        dialog.take_tag(await peer.expect(status=200))
-        dialog.ack()
+        await dialog.connect()
         _, server_rtp = await asyncio.wait_for(rtp_peer.inbox.get(), 2)
         for seq in range(1, 11):
             rtp_peer.send(rtp(seq), server_rtp[1])
@@ -629,8 +489,6 @@ async def test_transport_frames_dtmf_and_caller_hangup_ends_pipeline(peer, rtp_p
         assert [f.button.value for f in dtmf] == ["9"]
         assert results["events"] == [("started", "sip:caller@example.com"), ("ended", "caller hung up")]
         assert next(iter(server.calls.values())).rtp.stats.ignored >= 1
-    finally:
-        await server.stop()
 
 
 async def test_bot_audio_reaches_caller_and_endframe_hangs_up(peer, rtp_peer):
@@ -640,15 +498,12 @@ async def test_bot_audio_reaches_caller_and_endframe_hangs_up(peer, rtp_peer):
 
     async def on_call(call):
         await call.confirmed.wait()
-        await run_call_pipeline(call, collector, bot_audio=tone, bot_ends=True)
+        await run_call_pipeline(call, collector, bot_audio=tone, bot_hangs_up_after=0)
         done.set()
 
-    server = await start_server(on_call)
-    try:
+    async with serving(on_call) as server:
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
-        dialog.invite()
-        dialog.take_tag(await peer.expect(status=200))
-        dialog.ack()
+        await dialog.connect()
         bye = await peer.expect(method="BYE", timeout=10)
         assert bye.call_id == dialog.call_id
         await asyncio.wait_for(done.wait(), 5)
@@ -657,8 +512,6 @@ async def test_bot_audio_reaches_caller_and_endframe_hangs_up(peer, rtp_peer):
             payloads.append(RtpPacket.parse(rtp_peer.inbox.get_nowait()[0]).payload)
         loud = [p for p in payloads if p != b"\xff" * 160]
         assert len(loud) >= 4  # the 100 ms tone went out as RTP before the BYE
-    finally:
-        await server.stop()
 
 
 async def test_sip_over_tcp(rtp_peer):
@@ -667,45 +520,42 @@ async def test_sip_over_tcp(rtp_peer):
         await call.confirmed.wait()
         await call.hangup("bot done")
 
-    server = await start_server(on_call)
-    reader, writer = await asyncio.open_connection(HOST, server.port)
-    try:
-        local_port = writer.get_extra_info("sockname")[1]
-        peer = Peer()  # only used for building requests
+    async with serving(on_call) as server:
+        reader, writer = await asyncio.open_connection(HOST, server.port)
+        with closing(writer):
+            local_port = writer.get_extra_info("sockname")[1]
+            peer = Peer()  # only used for building requests
 
-        class FakeTransport:
-            def get_extra_info(self, _):
-                return (HOST, local_port)
+            class FakeTransport:
+                def get_extra_info(self, _):
+                    return (HOST, local_port)
 
-        peer.transport = FakeTransport()
-        dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
+            peer.transport = FakeTransport()
+            dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
 
-        async def read_message():
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length")))
-            return parse_message(head + await reader.readexactly(length))
+            async def read_message():
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                return parse_message(head + await reader.readexactly(length))
 
-        def send(text):
-            writer.write(b"\r\n\r\n" + text.replace("SIP/2.0/UDP", "SIP/2.0/TCP").encode())  # with a keep-alive
+            def send(text):
+                writer.write(b"\r\n\r\n" + text.replace("SIP/2.0/UDP", "SIP/2.0/TCP").encode())  # with a keep-alive
 
-        send(dialog.request("OPTIONS"))
-        assert (await read_message()).status == 200
-        dialog.invite_branch = "z9hG4bKtcp1"
-        send(dialog.request("INVITE", body=offer(rtp_peer.port), branch=dialog.invite_branch))
-        statuses = []
-        while 200 not in statuses:
-            response = await read_message()
-            statuses.append(response.status)
-        assert statuses == [100, 180, 200] and ";transport=tcp" in response.get("Contact")
-        dialog.take_tag(response)
-        send(dialog.request("ACK"))
-        bye = await read_message()
-        assert isinstance(bye, SIPRequest) and bye.method == "BYE"
-        assert parse_via(bye.get_all("Via")[0]).transport == "TCP"
-    finally:
-        writer.close()
-        await server.stop()
+            send(dialog.request("OPTIONS"))
+            assert (await read_message()).status == 200
+            dialog.invite_branch = "z9hG4bKtcp1"
+            send(dialog.request("INVITE", body=offer(rtp_peer.port), branch=dialog.invite_branch))
+            statuses = []
+            while 200 not in statuses:
+                response = await read_message()
+                statuses.append(response.status)
+            assert statuses == [100, 180, 200] and ";transport=tcp" in response.get("Contact")
+            dialog.take_tag(response)
+            send(dialog.request("ACK"))
+            bye = await read_message()
+            assert isinstance(bye, SIPRequest) and bye.method == "BYE"
+            assert parse_via(bye.get_all("Via")[0]).transport == "TCP"
 
 
 async def test_bot_dtmf_goes_out_as_rfc4733_events(peer, rtp_peer):
@@ -718,16 +568,13 @@ async def test_bot_dtmf_goes_out_as_rfc4733_events(peer, rtp_peer):
 
     async def on_call(call):
         await call.confirmed.wait()
-        await run_call_pipeline(call, Collector(), bot_ends=True,
+        await run_call_pipeline(call, Collector(), bot_hangs_up_after=0,
                                 bot_frames=[OutputDTMFFrame(buttons=[KeypadEntry.ONE, KeypadEntry.POUND])])
         done.set()
 
-    server = await start_server(on_call)
-    try:
+    async with serving(on_call) as server:
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
-        dialog.invite()
-        dialog.take_tag(await peer.expect(status=200))
-        dialog.ack()
+        await dialog.connect()
         await peer.expect(method="BYE", timeout=10)
         await asyncio.wait_for(done.wait(), 5)
         decoder, digits = DTMFDecoder(), []
@@ -736,5 +583,3 @@ async def test_bot_dtmf_goes_out_as_rfc4733_events(peer, rtp_peer):
             if packet.payload_type == 101:
                 digits += decoder.feed(packet.payload, packet.timestamp)
         assert digits == ["1", "#"]
-    finally:
-        await server.stop()

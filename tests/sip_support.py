@@ -1,0 +1,105 @@
+"""What the SIP tests share: a running user-agent server, an on_call that records calls, and a plain
+transport.input() → collector → transport.output() pipeline run for one call (no ASR model)."""
+
+import asyncio
+from contextlib import asynccontextmanager
+
+from pipecat.frames.frames import EndFrame, OutputAudioRawFrame, StartFrame
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.workers.runner import WorkerRunner
+
+from pipecat_nemotron.transports.sip import SIPCallTransport, SIPConfig, SIPUserAgentServer
+
+HOST = "127.0.0.1"
+
+
+async def start_server(on_call=None, *, port: int = 0, **config) -> SIPUserAgentServer:
+    """A started server on HOST (``port`` 0: a free one); the caller stops it."""
+    server = SIPUserAgentServer(config=SIPConfig(host=HOST, port=port, **config), on_call=on_call)
+    await server.start()
+    return server
+
+
+@asynccontextmanager
+async def serving(on_call=None, *, port: int = 0, **config):
+    """``async with serving(on_call, **config) as server``: started on entry, stopped on exit."""
+    server = await start_server(on_call, port=port, **config)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def calls_recorder():
+    """(calls, on_call): on_call appends each call to calls and holds it until it ends."""
+    calls = []
+
+    async def on_call(call):
+        calls.append(call)
+        await call.ended.wait()
+
+    return calls, on_call
+
+
+async def until(condition, timeout=3.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+class Collector(FrameProcessor):
+    """A plain sink: keeps every frame that reaches the end of the pipeline."""
+
+    def __init__(self):
+        super().__init__()
+        self.frames = []
+
+    async def process_frame(self, frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        self.frames.append(frame)
+        await self.push_frame(frame, direction)
+
+    def of(self, cls):
+        return [f for f in self.frames if isinstance(f, cls)]
+
+
+async def run_call_pipeline(call, collector, *, bot_audio: bytes = b"", bot_frames=(),
+                            bot_hangs_up_after: float | None = None, timeout: float = 20):
+    """Run transport.input() → collector → transport.output() for ``call`` as an application's on_call
+    would, until the pipeline ends; returns the transport's call events. Once the pipeline has started the
+    bot sends ``bot_audio`` and ``bot_frames``, and with ``bot_hangs_up_after`` an EndFrame that many seconds
+    later."""
+    transport = SIPCallTransport(call=call)
+    events = []
+
+    @transport.event_handler("on_call_started")
+    async def started(_, c):
+        events.append(("started", c.identity["caller"]))
+
+    @transport.event_handler("on_call_ended")
+    async def ended(_, c):
+        events.append(("ended", c.outcome))
+
+    worker = PipelineWorker(Pipeline([transport.input(), collector, transport.output()]),
+                            params=PipelineParams(audio_in_sample_rate=8000, audio_out_sample_rate=8000),
+                            idle_timeout_secs=None, enable_rtvi=False)
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    run = asyncio.ensure_future(runner.run())
+    if bot_audio or bot_frames or bot_hangs_up_after is not None:
+        await until(lambda: collector.of(StartFrame), timeout=10)
+    if bot_audio:
+        await worker.queue_frame(OutputAudioRawFrame(audio=bot_audio, sample_rate=8000, num_channels=1))
+    for frame in bot_frames:
+        await worker.queue_frame(frame)
+    if bot_hangs_up_after is not None:
+        if bot_hangs_up_after:
+            await asyncio.sleep(bot_hangs_up_after)
+        await worker.queue_frame(EndFrame())
+    await asyncio.wait_for(run, timeout)
+    return events
