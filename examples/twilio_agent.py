@@ -62,13 +62,12 @@ from fastapi.responses import Response
 from loguru import logger
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.frames.frames import Frame, InterimTranscriptionFrame, OutputAudioRawFrame, TranscriptionFrame
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.pipeline.worker import PipelineParams
 from pipecat.processors.audio.vad_processor import VADProcessor
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transcriptions.language import Language
-from pipecat.workers.runner import WorkerRunner
 
+from pipecat_nemotron.client_session import run_until_client_leaves
 from pipecat_nemotron.engine import DEFAULT_MODEL, Engine
 from pipecat_nemotron.stt import NemotronSTTService
 from pipecat_nemotron.vad import WebRTCVADAnalyzer
@@ -224,29 +223,13 @@ def create_app(*, model: str = DEFAULT_MODEL, chunk_ms: int = 160, language: Lan
             audio_in_enabled=True, audio_out_enabled=True, add_wav_header=False, serializer=serializer))
         stt = NemotronSTTService(engine=state["engine"], chunk_ms=chunk_ms, language=language)
         vad = VADProcessor(vad_analyzer=WebRTCVADAnalyzer(mode=2, params=VADParams(stop_secs=vad_stop_secs)))
-        pipeline = Pipeline([transport.input(), vad, stt,
-                             ChimeOnFinal(record, chime_audio=None if chime_back else b""), transport.output()])
-        worker = PipelineWorker(pipeline, params=PipelineParams(audio_in_sample_rate=PHONE_RATE,
-                                                                audio_out_sample_rate=PHONE_RATE),
-                                idle_timeout_secs=None, enable_rtvi=False)
-
-        @transport.event_handler("on_client_disconnected")
-        async def on_disconnected(transport, client):
-            if record.outcome == "running":
-                record.outcome = "caller hung up"
-            await worker.cancel()
-
-        runner = WorkerRunner(handle_sigint=False)
+        processors = [transport.input(), vad, stt, ChimeOnFinal(record, chime_audio=None if chime_back else b""),
+                      transport.output()]
         try:
-            await runner.add_workers(worker)
-            await runner.run()
-            if record.outcome == "running":
-                record.outcome = "ended"
-        except Exception as error:
-            record.outcome = f"failed: {error}"
-            logger.exception(f"{provider} call {record.call_id}: pipeline failed")
+            await run_until_client_leaves(
+                transport, processors, record, left="caller hung up", name=f"{provider} call {record.call_id}",
+                params=PipelineParams(audio_in_sample_rate=PHONE_RATE, audio_out_sample_rate=PHONE_RATE))
         finally:
-            record.ended = time.monotonic()
             logger.info(record.summary())
         return record
 

@@ -279,13 +279,12 @@ class WebRTCServer:
     # ---- one call -----------------------------------------------------------------------------------
     async def run_session(self, connection) -> SessionRecord:
         """Run the pipeline for one peer connection until the browser leaves."""
-        from pipecat.pipeline.pipeline import Pipeline
-        from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+        from pipecat.pipeline.worker import PipelineParams
         from pipecat.processors.audio.vad_processor import VADProcessor
         from pipecat.transports.base_transport import TransportParams
         from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
-        from pipecat.workers.runner import WorkerRunner
 
+        from .client_session import run_until_client_leaves
         from .stt import NemotronSTTService
         from .vad import WebRTCVADAnalyzer
 
@@ -308,35 +307,16 @@ class WebRTCServer:
         processors.append(transport.output())
         if self.llm is not None:
             processors.append(self._assistant_aggregator)
-        worker = PipelineWorker(Pipeline(processors), params=PipelineParams(audio_in_sample_rate=PIPELINE_RATE),
-                                idle_timeout_secs=None, enable_rtvi=False)
 
         @transport.event_handler("on_client_connected")
         async def on_connected(transport, client):
             send({"label": MESSAGE_LABEL, "type": "ready", "model": self.engine.model_name,
                   "language": self.language.value if self.language else None, "llm": bool(self.llm)})
 
-        @transport.event_handler("on_client_disconnected")
-        async def on_disconnected(transport, client):
-            if record.outcome == "running":
-                record.outcome = "client left"
-            await worker.cancel()
-
-        runner = WorkerRunner(handle_sigint=False)
         try:
-            await runner.add_workers(worker)
-            await runner.run()
-            if record.outcome == "running":
-                record.outcome = "ended"
-        except asyncio.CancelledError:
-            record.outcome = "server shutdown" if record.outcome == "running" else record.outcome
-            await worker.cancel()
-            raise
-        except Exception as error:
-            record.outcome = f"failed: {error}"
-            logger.exception(f"{record.pc_id}: pipeline failed")
+            await run_until_client_leaves(transport, processors, record, left="client left", name=record.pc_id,
+                                          params=PipelineParams(audio_in_sample_rate=PIPELINE_RATE))
         finally:
-            record.ended = time.monotonic()
             if record.errors and record.outcome in ("client left", "ended"):
                 record.outcome += " with errors"
             logger.info(record.summary())

@@ -1,0 +1,48 @@
+"""One connected client's pipeline (a browser over WebRTC, a phone call over a media websocket), run until it
+ends, with how it ended written to the session's record."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from loguru import logger
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.workers.runner import WorkerRunner
+
+
+async def run_until_client_leaves(transport, processors: list, record, *, params: PipelineParams, left: str,
+                                  name: str) -> None:
+    """Run ``processors`` as one pipeline until the client disconnects or the pipeline ends.
+
+    ``record`` is anything with ``outcome`` (``"running"`` to begin with) and ``ended``. The outcome becomes
+    ``left`` when the transport reports the client gone (the worker is then cancelled), ``"ended"`` when the
+    pipeline ends by itself, ``"server shutdown"`` when this coroutine is cancelled (re-raised), and
+    ``"failed: …"`` when the pipeline raises (logged with ``name``); ``record.ended`` is set on the way out.
+    Logging the record is the caller's.
+    """
+    worker = PipelineWorker(Pipeline(processors), params=params, idle_timeout_secs=None, enable_rtvi=False)
+
+    @transport.event_handler("on_client_disconnected")
+    async def on_disconnected(transport, client):
+        if record.outcome == "running":
+            record.outcome = left
+        await worker.cancel()
+
+    runner = WorkerRunner(handle_sigint=False)
+    try:
+        await runner.add_workers(worker)
+        await runner.run()
+        if record.outcome == "running":
+            record.outcome = "ended"
+    except asyncio.CancelledError:
+        if record.outcome == "running":
+            record.outcome = "server shutdown"
+        await worker.cancel()
+        raise
+    except Exception as error:
+        record.outcome = f"failed: {error}"
+        logger.exception(f"{name}: pipeline failed")
+    finally:
+        record.ended = time.monotonic()
