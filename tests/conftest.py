@@ -16,3 +16,14 @@ def tiny_model(tmp_path_factory):
 
     torch.set_num_threads(2)
     return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+async def tiny_engine(tiny_model):
+    """An Engine on the tiny model (160 ms chunks, CPU, 4 streams), closed after the test."""
+    from pipecat_nemotron.engine import Engine
+
+    engine = Engine(model=tiny_model, chunk_ms=160, device="cpu", max_streams=4)
+    await engine.ready()
+    yield engine
+    engine.close()

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from pipecat.transcriptions.language import Language
 
-from pipecat_nemotron.engine import Engine
 from test_webrtc_browser import Recorder, free_port, until
 from tiny import speechlike
 
@@ -40,14 +39,6 @@ def load_example():
     sys.modules["twilio_agent"] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-async def tiny_engine(tiny_model):
-    engine = Engine(model=tiny_model, chunk_ms=160, device="cpu", max_streams=4)
-    await engine.ready()
-    yield engine
-    engine.close()
 
 
 @contextlib.asynccontextmanager

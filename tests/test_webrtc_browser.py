@@ -285,14 +285,6 @@ async def _page_count(page: CDP, n: int) -> bool:
 
 
 # ---- tests ---------------------------------------------------------------------------------------------
-@pytest.fixture
-async def tiny_engine(tiny_model):
-    engine = Engine(model=tiny_model, chunk_ms=160, device="cpu", max_streams=4)
-    await engine.ready()
-    yield engine
-    engine.close()
-
-
 async def test_browser_call_transcripts_equal_engine_and_show_on_page(tmp_path, tiny_engine):
     require_chromium()
     rate = 48000
