@@ -13,7 +13,6 @@ from pipecat.transcriptions.language import Language
 from pipecat.turns.user_stop import SpeechTimeoutUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
-from pipecat_nemotron.engine import Engine
 from pipecat_nemotron.stt import NemotronSTTService
 from pipecat_nemotron.turns import EmptyTranscriptUserTurnStopStrategy
 
@@ -21,11 +20,8 @@ WATCHDOG_S = 3.0
 
 
 @pytest.fixture
-async def engine(tiny_model):
-    engine = Engine(model=tiny_model, chunk_ms=160, device="cpu", max_streams=2)
-    await engine.ready()
-    yield engine
-    engine.close()
+def engine(tiny_engine):
+    return tiny_engine
 
 
 async def seconds_until_turn_stops(engine, stop_strategies) -> float | None:

@@ -226,11 +226,17 @@ class Stream:
         return results
 
     def _cap_utterance(self) -> None:
-        """Finalize an utterance nobody ended (no VAD?) before its hypothesis grows without bound."""
+        """Finalize an utterance nobody ended (no VAD?) before its hypothesis grows without bound.
+
+        It ends at the chunk boundary just stepped, where the cap was crossed, whatever audio is already
+        queued behind it (that goes on in the next utterance): no silence is inserted mid-speech."""
         limit = self._engine.max_utterance_s
-        if limit and not self._finalize_queue and \
-                self.fed_samples - self._utterance_start_fed > limit * SAMPLE_RATE:
-            self._queue_finalize()
+        if not limit or self._finalize_queue:
+            return
+        stepped = self._fed_position(self.frames_stepped * HOP)
+        if stepped - self._utterance_start_fed > limit * SAMPLE_RATE:
+            self._finalize_queue.append(_FinalizeRequest(self.frames_stepped, stepped, time.monotonic()))
+            self._finalized_fed = stepped
 
     def _text_and_language(self, token_ids: list[int], text_of) -> tuple[str, str | None]:
         raw = text_of(token_ids) if token_ids else ""
