@@ -368,10 +368,6 @@ async def _until_final(stream):
             return
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known gap (issue 6 left open): through Chromium's fake microphone (the WAV loops) and Opus at 48 kHz the demo "
-    "model, trained on single espeak utterances, mis-transcribes (seen: 'Four one four two.' for 'No, thank you. "
-    "I need one hundred minutes.'); the language was right"))
 async def test_browser_call_demo_model_words_and_language(tmp_path):
     require_chromium()
     import soxr

@@ -13,6 +13,8 @@ def main(argv=None) -> None:
     p.add_argument("--n-train", type=int, default=3000, help="train utterances per language")
     p.add_argument("--n-test", type=int, default=100, help="held-out test utterances per language")
     p.add_argument("--minutes", type=float, default=100.0, help="training time budget (wall clock of the training loop)")
+    p.add_argument("--ft-minutes", type=float, default=40.0,
+                   help="multi-utterance fine-tune budget after the main run (0 = skip)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = time budget only)")
     p.add_argument("--skip-overfit", action="store_true", help="build: skip the 48-utterance overfit sanity check")
     p.add_argument("--repo", type=Path, default=Path("."), help="repo root for `ship`")
@@ -30,9 +32,9 @@ def main(argv=None) -> None:
     if a.stage in ("build", "train"):
         from .train import train
         train(a.out, seed=a.seed, minutes=a.minutes, max_steps=a.max_steps)
-    if a.stage == "finetune":  # experimental, not part of build: writes build/demo/demo_ft.nemo
+    if a.stage == "finetune" or (a.stage == "build" and a.ft_minutes > 0):
         from .train import finetune_concat
-        finetune_concat(a.out, seed=a.seed, minutes=a.minutes)
+        finetune_concat(a.out, seed=a.seed, minutes=a.minutes if a.stage == "finetune" else a.ft_minutes)
     if a.stage in ("build", "evaluate"):
         from .evaluate import evaluate
         evaluate(a.out)

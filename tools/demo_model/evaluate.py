@@ -220,5 +220,7 @@ def ship(out: Path, repo: Path) -> None:
             f.write(json.dumps({"file": name, "text": r["text"], "lang": r["lang"], "duration": r["duration"],
                                 "voice": r["voice"]}, ensure_ascii=False) + "\n")
     _sample_call(test, models / "sample_call.wav", models / "sample_call.txt")
+    from .calls import score_calls_of
+    score_calls_of(out / "demo.nemo", out / "calls_eval.json", held)
     from .card import write_card
     write_card(out, models)

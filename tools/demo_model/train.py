@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 import wave
 from pathlib import Path
@@ -443,7 +444,7 @@ FT_P_CONCAT = 0.6
 def finetune_concat(out: Path, seed: int = 1234, minutes: float = 40.0, peak_lr: float = FT_PEAK_LR) -> dict:
     """Stage 2b: continue the main run (its weights and optimiser state) on multi-utterance items, so a call with
     several utterances is transcribed past the first one. Resumable (``finetune_ckpt.pt``); writes
-    ``demo_ft.nemo``. Same losses, prompt mix, augmentation and SpecAugment as the end of the main run."""
+    ``demo.nemo`` (the main run's model is kept as ``demo_main.nemo``). Same losses, prompt mix, augmentation and SpecAugment as the end of the main run."""
     torch.set_num_threads(int(os.environ.get("DEMO_THREADS", "2")))
     _seed_all(seed + 1)
     rows = read_manifest(out / "data" / "train.jsonl")
@@ -527,7 +528,11 @@ def finetune_concat(out: Path, seed: int = 1234, minutes: float = 40.0, peak_lr:
     save_ckpt()
     model.eval()
     v = quick_val(model, ctc_head, val, list(range(min(len(val.rows), 45))), use_rnnt=True)
-    model.save_to(str(out / "demo_ft.nemo"))
+    # the main run's model stays as demo_main.nemo; evaluate/ship take demo.nemo, now the fine-tuned one
+    if (out / "demo.nemo").exists() and not (out / "finetune_used").exists():
+        shutil.copyfile(out / "demo.nemo", out / "demo_main.nemo")
+    model.save_to(str(out / "demo.nemo"))
+    (out / "finetune_used").touch()
     res = {"steps": step, "minutes": elapsed / 60, "peak_lr": peak_lr, "p_concat": FT_P_CONCAT, "val": v, **avg}
     (out / "finetune_result.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
     log.info("finetune done: %s", res)
