@@ -27,8 +27,16 @@ from .engine import DEFAULT_MODEL, Engine, Final, NemotronEngineError, Partial
 from .engine.loader import SAMPLE_RATE
 from .languages import AUTO, language_to_locale, locale_to_language
 
-# p99 of VAD stop -> final transcript, seconds, by chunk size: see benchmarks/results/ttfs.md.
-TTFS_P99_BY_CHUNK_MS = {80: 0.25, 160: 0.25, 320: 0.4, 560: 0.65, 1120: 1.2}
+# Pipecat's ttfs_p99_latency: p99 from the end of speech to the final, by chunk size = the VAD's stop_secs (0.2 s)
+# + the p99 of VAD stop -> final measured by benchmarks/ttfs.py on a 2-core CPU, no GPU (benchmarks/results/):
+# the 0.6B architecture, one stream caught up (ttfs_0.6b_cpu.md), and the demo model with 16 live streams
+# (ttfs_demo.md). On a GPU pass your own measurement. The service always finalizes on VAD stop, which ends
+# Pipecat's wait early; this figure is only its safety net.
+VAD_STOP_SECS = 0.2
+TTFS_P99_BY_CHUNK_MS = {80: VAD_STOP_SECS + 1.08, 160: VAD_STOP_SECS + 1.59, 320: VAD_STOP_SECS + 1.77,
+                        560: VAD_STOP_SECS + 2.40, 1120: VAD_STOP_SECS + 3.49}
+DEMO_TTFS_P99_BY_CHUNK_MS = {80: VAD_STOP_SECS + 0.38, 160: VAD_STOP_SECS + 0.15, 320: VAD_STOP_SECS + 0.21,
+                             560: VAD_STOP_SECS + 0.21, 1120: VAD_STOP_SECS + 0.19}
 # On EndFrame, how long to wait for the finals still being computed (the caller hung up mid-sentence).
 END_FLUSH_TIMEOUT_S = 5.0
 
@@ -58,7 +66,8 @@ class NemotronSTTService(STTService):
         engine: share an `Engine` explicitly; by default every service of the process with the
             same (model, chunk_ms, device) shares one, so calls are batched together.
         max_streams: slots of an engine this service creates.
-        ttfs_p99_latency: override the measured default for this chunk size.
+        ttfs_p99_latency: override the measured default for this chunk size (measured on a 2-core CPU; pass
+            your own on a GPU).
         settings: `NemotronSTTSettings` overrides.
     """
 
@@ -75,8 +84,9 @@ class NemotronSTTService(STTService):
             default_settings.apply_update(settings)
         if engine is not None:
             chunk_ms = engine.chunk_ms
+        measured = DEMO_TTFS_P99_BY_CHUNK_MS if default_settings.model == "demo" else TTFS_P99_BY_CHUNK_MS
         super().__init__(settings=default_settings,
-                         ttfs_p99_latency=ttfs_p99_latency or TTFS_P99_BY_CHUNK_MS.get(chunk_ms), **kwargs)
+                         ttfs_p99_latency=ttfs_p99_latency or measured.get(chunk_ms), **kwargs)
         self._model_source = model
         self._chunk_ms = chunk_ms
         self._device = device

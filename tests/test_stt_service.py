@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 import pytest
-from pipecat.frames.frames import (CancelFrame, InputAudioRawFrame, InterimTranscriptionFrame, STTUpdateSettingsFrame,
+from pipecat.frames.frames import (CancelFrame, STTMetadataFrame, InputAudioRawFrame, InterimTranscriptionFrame, STTUpdateSettingsFrame,
                                    TranscriptionFrame, VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame)
 from pipecat.pipeline.worker import PipelineParams
 from pipecat.services.settings import STTSettings
@@ -13,7 +13,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 from pipecat.transcriptions.language import Language
 
 from pipecat_nemotron.engine import Engine, Final
-from pipecat_nemotron.stt import NemotronSTTService
+from pipecat_nemotron.stt import TTFS_P99_BY_CHUNK_MS, NemotronSTTService
 from tiny import speechlike
 
 
@@ -92,6 +92,8 @@ async def test_final_text_equals_engine_and_carries_language(engine):
     assert interims and down.index(interims[0]) < down.index(finals[0])
     assert all(i.language == Language.EN_US for i in interims)
     assert len({i.text for i in interims}) == len(interims), "interims only when the text changes"
+    metadata = [f for f in down if isinstance(f, STTMetadataFrame)]
+    assert metadata and metadata[0].ttfs_p99_latency == pytest.approx(TTFS_P99_BY_CHUNK_MS[160])  # measured default
 
 
 @pytest.mark.parametrize("rate", [8000, 16000, 48000])
