@@ -18,6 +18,8 @@ from pipecat_nemotron.engine import Engine, Final
 from pipecat_nemotron.engine.loader import demo_model_path
 from pipecat_nemotron.wav import read_wav
 from reference import padded_for_finalize
+from tools.demo_model.calls import word_errors
+from tools.demo_model.calls import words as normalise
 
 HELDOUT = Path(__file__).parent / "data" / "demo_heldout"
 LANGUAGES = ["en-US", "es-ES", "de-DE"]
@@ -32,21 +34,6 @@ TAG_ACCURACY_MIN = {"en-US": 0.95, "es-ES": 0.95, "de-DE": 0.9}     # measured 1
 # given 3.3 / 5.1 / 4.2 % by position; tags 95-100 %
 CALL_WER_MAX = {"auto_1": 0.13, "auto_2": 0.1, "auto_3": 0.1, "given_1": 0.07, "given_2": 0.08, "given_3": 0.08}
 CALL_TAG_RIGHT_MIN = 0.9
-
-
-def normalise(text: str) -> list[str]:
-    text = re.sub(r"\s*<[a-z]{2}-[A-Z]{2}>", " ", text).lower()
-    return re.sub(r"[¿?¡!.,;:]", " ", text).split()
-
-
-def word_errors(hypothesis: str, reference: str) -> tuple[int, int]:
-    hyp, ref = normalise(hypothesis), normalise(reference)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        previous, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (r != h))
-    return row[-1], len(ref)
 
 
 def heldout():

@@ -12,17 +12,14 @@ from pipecat.services.settings import STTSettings
 from pipecat.tests.utils import SleepFrame, run_test
 from pipecat.transcriptions.language import Language
 
-from pipecat_nemotron.engine import Engine, Final
+from pipecat_nemotron.engine import Final
 from pipecat_nemotron.stt import TTFS_P99_BY_CHUNK_MS, NemotronSTTService
 from tiny import speechlike
 
 
 @pytest.fixture
-async def engine(tiny_model):
-    engine = Engine(model=tiny_model, chunk_ms=160, device="cpu", max_streams=8)
-    await engine.ready()
-    yield engine
-    engine.close()
+def engine(tiny_engine):
+    return tiny_engine
 
 
 class FeedSpy:
@@ -157,7 +154,7 @@ async def test_cancel_mid_utterance_frees_the_stream(engine):
     await run_test(stt, frames_to_send=frames, send_end_frame=False,
                    pipeline_params=PipelineParams(audio_in_sample_rate=16000))
     await asyncio.sleep(0.1)
-    assert engine.open_streams == 0 and engine.free_slots == 8
+    assert engine.open_streams == 0 and engine.free_slots == engine.max_streams
 
 
 async def test_unsupported_language_is_a_clear_error():
