@@ -239,8 +239,11 @@ async def test_unended_utterance_is_finalized_at_the_cap(tiny_model):
     final = await asyncio.wait_for(next_final(stream), 10)
     assert 1.0 < final.end_s <= 1.2 and final.text  # the first chunk boundary past the cap, however fast fed
     stream.finalize()
-    rest = await asyncio.wait_for(next_final(stream), 10)
-    assert rest.start_s == final.end_s and rest.end_s == pytest.approx(2.5, abs=0.01)  # nothing lost
+    finals = [final]
+    while finals[-1].end_s < 2.5 - 0.01:  # the rest may be capped again before the finalize is seen
+        finals.append(await asyncio.wait_for(next_final(stream), 10))
+    assert all(later.start_s == earlier.end_s for earlier, later in zip(finals, finals[1:]))  # nothing lost
+    assert all(f.end_s - f.start_s <= 1.2 for f in finals[:-1]) and finals[-1].end_s == pytest.approx(2.5, abs=0.01)
     stream.close()
     engine.close()
 
