@@ -11,24 +11,37 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.workers.runner import WorkerRunner
 
+GRACEFUL_END_S = 6.0  # after the client left: the STT's finals may take up to 5 s (END_FLUSH_TIMEOUT_S)
+
 
 async def run_until_client_leaves(transport, processors: list, record, *, params: PipelineParams, left: str,
                                   name: str) -> None:
     """Run ``processors`` as one pipeline until the client disconnects or the pipeline ends.
 
     ``record`` is anything with ``outcome`` (``"running"`` to begin with) and ``ended``. The outcome becomes
-    ``left`` when the transport reports the client gone (the worker is then cancelled), ``"ended"`` when the
+    ``left`` when the transport reports the client gone (the pipeline then ends gracefully, so the last
+    words are still transcribed, and is cancelled if that takes over ``GRACEFUL_END_S``), ``"ended"`` when the
     pipeline ends by itself, ``"server shutdown"`` when this coroutine is cancelled (re-raised), and
     ``"failed: …"`` when the pipeline raises (logged with ``name``); ``record.ended`` is set on the way out.
     Logging the record is the caller's.
     """
     worker = PipelineWorker(Pipeline(processors), params=params, idle_timeout_secs=None, enable_rtvi=False)
+    watchdogs: list[asyncio.Task] = []
 
     @transport.event_handler("on_client_disconnected")
     async def on_disconnected(transport, client):
         if record.outcome == "running":
             record.outcome = left
-        await worker.cancel()
+        # End gracefully, so the STT still delivers what the client said just before leaving; cancel if that
+        # takes too long (a stage waiting on the dead connection).
+        await worker.stop_when_done()
+        watchdogs.append(asyncio.create_task(cancel_if_stuck()))
+
+    async def cancel_if_stuck():
+        await asyncio.sleep(GRACEFUL_END_S)
+        if not worker.has_finished():
+            logger.warning(f"{name}: pipeline still running {GRACEFUL_END_S} s after the client left; cancelling")
+            await worker.cancel()
 
     runner = WorkerRunner(handle_sigint=False)
     try:
@@ -45,4 +58,6 @@ async def run_until_client_leaves(transport, processors: list, record, *, params
         record.outcome = f"failed: {error}"
         logger.exception(f"{name}: pipeline failed")
     finally:
+        for watchdog in watchdogs:
+            watchdog.cancel()
         record.ended = time.monotonic()

@@ -141,6 +141,23 @@ async def test_twilio_media_stream_gets_transcripts_with_language_and_audio_back
     assert elapsed < 40
 
 
+async def test_caller_hanging_up_mid_sentence_still_gets_the_final(tiny_engine):
+    # The stream stops with the caller still talking: the pipeline ends gracefully and the words are transcribed.
+    twilio_agent = load_example()
+    rate = 8000
+    audio = np.concatenate([np.zeros(int(0.5 * rate), dtype=np.float32), speechlike(1.6, seed=33, rate=rate)])
+    recorder = Recorder(tiny_engine)
+    app = twilio_agent.create_app(engine=tiny_engine, language=Language.ES_ES, auto_hang_up=False)
+    async with serve(app) as port:
+        calls = app.state.calls
+        await fake_twilio_call(port, mulaw_chunks(audio), until_done=lambda: bool(calls))
+        await until(lambda: calls[0].ended is not None, 15, "the call to end after the caller hung up")
+    call = calls[0]
+    assert call.outcome == "caller hung up", call.outcome
+    expected = await recorder.replay(tiny_engine)
+    assert [f["text"] for f in call.finals] == [f.text for f in expected] and call.finals[0]["text"]
+
+
 async def test_twiml_points_twilio_at_the_websocket(tiny_engine):
     import httpx
 

@@ -323,7 +323,9 @@ async def test_browser_call_transcripts_equal_engine_and_show_on_page(tmp_path, 
     # the LLM stage: it got the user's words and its answer reached the page
     assert llm_requests and llm_requests[0]["model"] == "fake"
     assert session.bot_replies and all(r.startswith("You said: ") for r in session.bot_replies)
-    assert session.page_bot_lines[:len(session.bot_replies)] == session.bot_replies
+    # the page shows the replies in order; one answering words said just before Stop may come after the page left
+    # (the pipeline ends gracefully so those words are still transcribed)
+    assert session.page_bot_lines and session.bot_replies[:len(session.page_bot_lines)] == session.page_bot_lines
     heard = " ".join(f["text"] for f in spoken)
     assert all(r[len("You said: "):] in heard or heard in r for r in session.bot_replies), (session.bot_replies, heard)
     assert session.outcome.startswith("client left"), session.outcome
