@@ -98,8 +98,7 @@ class NemotronSTTService(STTService):
         self._reader: asyncio.Task | None = None
         self._resampler = create_stream_resampler()
         self._last_interim = ""
-        self._vad_seen = False
-        self._user_speaking = False
+        self._vad_seen = False  # STTService keeps _user_speaking from the same VAD frames
         self._audio_since_finalize = False
         self._finals_pending = 0
         self._no_final_pending = asyncio.Event()
@@ -186,9 +185,9 @@ class NemotronSTTService(STTService):
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
         if isinstance(frame, VADUserStartedSpeakingFrame):
-            self._vad_seen = self._user_speaking = True
+            self._vad_seen = True
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
-            self._vad_seen, self._user_speaking = True, False
+            self._vad_seen = True
             await self._finalize_utterance()
 
     async def _finalize_utterance(self):
