@@ -93,6 +93,19 @@ def apply_prompt(model, enc_bdt: torch.Tensor, prompt_indices: torch.Tensor) -> 
     return model.prompt_kernel(torch.cat([enc, prompt], dim=-1)).transpose(1, 2)
 
 
+def padded(xs: list[np.ndarray], ys: list[list[int]]):
+    """Audio and token lists as zero-padded batch tensors with their lengths: X, xl, Y, yl."""
+    xl = torch.tensor([len(x) for x in xs])
+    X = torch.zeros(len(xs), int(xl.max()))
+    for j, x in enumerate(xs):
+        X[j, : len(x)] = torch.from_numpy(x)
+    yl = torch.tensor([len(y) for y in ys])
+    Y = torch.zeros(len(ys), int(yl.max()), dtype=torch.long)
+    for j, y in enumerate(ys):
+        Y[j, : len(y)] = torch.tensor(y)
+    return X, xl, Y, yl
+
+
 class Data:
     def __init__(self, rows: list[dict], tokenizer):
         self.rows = rows
@@ -106,15 +119,7 @@ class Data:
         for i in idx:
             x = self.audio[i].astype(np.float32) / 32768.0
             xs.append(augment(x, rng, P_TEL) if aug else x)
-        xl = torch.tensor([len(x) for x in xs])
-        X = torch.zeros(len(xs), int(xl.max()))
-        for j, x in enumerate(xs):
-            X[j, : len(x)] = torch.from_numpy(x)
-        ys = [self.tokens[i] for i in idx]
-        yl = torch.tensor([len(y) for y in ys])
-        Y = torch.zeros(len(ys), int(yl.max()), dtype=torch.long)
-        for j, y in enumerate(ys):
-            Y[j, : len(y)] = torch.tensor(y)
+        X, xl, Y, yl = padded(xs, [self.tokens[i] for i in idx])
         prompts = torch.tensor([PROMPT_DICTIONARY["auto"] if rng.random() < p_auto else self.lang_idx[i]
                                 for i in idx])
         return X, xl, Y, yl, prompts
@@ -425,15 +430,7 @@ def _concat_batch(data: Data, idx: list[int], rng: np.random.Generator, p_concat
         xs.append(np.concatenate(parts))
         ys.append(toks)
         prompts.append(PROMPT_DICTIONARY["auto"] if auto else data.lang_idx[i])
-    xl = torch.tensor([len(x) for x in xs])
-    X = torch.zeros(len(xs), int(xl.max()))
-    for j, x in enumerate(xs):
-        X[j, : len(x)] = torch.from_numpy(x)
-    yl = torch.tensor([len(y) for y in ys])
-    Y = torch.zeros(len(ys), int(yl.max()), dtype=torch.long)
-    for j, y in enumerate(ys):
-        Y[j, : len(y)] = torch.tensor(y)
-    return X, xl, Y, yl, torch.tensor(prompts)
+    return (*padded(xs, ys), torch.tensor(prompts))
 
 
 FT_PEAK_LR = 4e-4
