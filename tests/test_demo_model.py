@@ -5,9 +5,7 @@ Thresholds sit a little under what the engine measured (see plugin/models/DEMO_M
 """
 
 import asyncio
-import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +14,10 @@ import torch
 
 from pipecat_nemotron.engine import Engine, Final
 from pipecat_nemotron.engine.loader import demo_model_path
-from pipecat_nemotron.wav import read_wav
 from reference import padded_for_finalize
-from tools.demo_model.calls import word_errors
+from tools.demo_model.calls import LANGUAGES, heldout_rows, word_errors
 from tools.demo_model.calls import words as normalise
 
-HELDOUT = Path(__file__).parent / "data" / "demo_heldout"
-LANGUAGES = ["en-US", "es-ES", "de-DE"]
 # What reaches the engine in a call: the utterance, then the 200 ms of silence a VAD with stop_secs=0.2 waits
 # for before VAD stop (the held-out files are trimmed; without it short utterances lose their "." and tag).
 VAD_STOP_SILENCE_S = 0.2
@@ -37,11 +32,9 @@ CALL_TAG_RIGHT_MIN = 0.9
 
 
 def heldout():
-    rows = [json.loads(line) for line in (HELDOUT / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    rows = heldout_rows()
     for row in rows:
-        wav = read_wav(HELDOUT / row["file"])
-        audio = resample_poly(wav.samples.astype(np.float32) / 32768, 2, 1).astype(np.float32)
-        row["audio"] = np.concatenate([audio, np.zeros(int(VAD_STOP_SILENCE_S * 16000), np.float32)])
+        row["audio"] = np.concatenate([row["audio"], np.zeros(int(VAD_STOP_SILENCE_S * 16000), np.float32)])
     return rows
 
 
@@ -150,7 +143,7 @@ async def test_service_gives_the_same_words_at_8_16_and_48_khz(demo_engine, rows
 
 async def test_calls_of_several_utterances(demo_engine):
     """The 2nd and 3rd utterance of a stream are transcribed like the 1st (tools/demo_model/calls.py)."""
-    from tools.demo_model.calls import heldout_rows, score_calls
+    from tools.demo_model.calls import score_calls
 
     scores = await score_calls(demo_engine, heldout_rows())
     for key, limit in CALL_WER_MAX.items():
