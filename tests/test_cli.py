@@ -1,15 +1,26 @@
 """`pipecat-nemotron transcribe` end to end on a tiny .nemo (the demo model gets its own tests)."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
 from scipy.signal import resample_poly
+from loguru import logger
 from typer.testing import CliRunner
 
 from pipecat_nemotron.cli import app
 from pipecat_nemotron.wav import write_wav
 from tiny import speechlike
+
+
+@pytest.fixture(autouse=True)
+def loguru_back_on_stderr():
+    """The CLI points loguru at the sys.stderr of the moment, which CliRunner closes after the run: point it back,
+    or every later log line (aiortc's threads, other tests) fails with 'I/O operation on closed file'."""
+    yield
+    logger.remove()
+    logger.add(sys.stderr)
 
 
 @pytest.fixture(scope="module")

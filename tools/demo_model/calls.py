@@ -2,7 +2,9 @@
 stream transcribed as well as the 1st?
 
 Each call is 3 held-out utterances on one stream. After each: 200 ms of silence (what a VAD with stop_secs=0.2 waits
-for), finalize, then 600 ms more of pause. ``auto`` calls mix languages; calls with the language given keep one.
+for), finalize, then a pause. ``auto`` calls mix languages; calls with the language given keep one. Two pause
+profiles: ``short`` (no silence before the first word, 0.6 s pauses) and ``long`` (4 s of silence before the first
+word and 3 s pauses: a phone or browser call, where the line is open before the caller speaks).
 
     python -m tools.demo_model.calls plugin/models/demo.nemo [calls_eval.json]
 """
@@ -20,6 +22,7 @@ import numpy as np
 HELDOUT = Path(__file__).resolve().parents[2] / "tests" / "data" / "demo_heldout"
 LANGUAGES = ["en-US", "es-ES", "de-DE"]
 PER_CALL = 3
+PAUSES = {"short": (0.0, 0.6), "long": (4.0, 3.0)}  # (silence before the first word, pause after each final) in s
 SR = 16000
 
 
@@ -61,12 +64,14 @@ def make_calls(rows: list[dict], mixed: bool, n_calls: int = 20, seed: int = 0) 
     return calls
 
 
-async def transcribe_call(engine, call: list[dict], language: str) -> list:
+async def transcribe_call(engine, call: list[dict], language: str, pauses: str = "short") -> list:
     from pipecat_nemotron.engine import Final
 
+    lead_s, pause_s = PAUSES[pauses]
     stream = engine.open_stream(language=language)
     finals = []
     try:
+        stream.feed(np.zeros(int(lead_s * SR), np.float32))
         for row in call:
             stream.feed(np.concatenate([row["audio"], np.zeros(int(0.2 * SR), np.float32)]))
             stream.finalize()
@@ -74,19 +79,19 @@ async def transcribe_call(engine, call: list[dict], language: str) -> list:
                 if isinstance(result, Final):
                     finals.append(result)
                     break
-            stream.feed(np.zeros(int(0.6 * SR), np.float32))
+            stream.feed(np.zeros(int(pause_s * SR), np.float32))
     finally:
         stream.close()
     return finals
 
 
-async def score_calls(engine, rows: list[dict]) -> dict:
+async def score_calls(engine, rows: list[dict], pauses: str = "short") -> dict:
     """WER and tag accuracy by position in the call, for auto (mixed languages) and language-given calls."""
     scores = {}
     for mode in ("auto", "given"):
         calls = make_calls(rows, mixed=mode == "auto")
-        results = await asyncio.gather(*(transcribe_call(engine, call, "auto" if mode == "auto" else call[0]["lang"])
-                                         for call in calls))
+        results = await asyncio.gather(*(transcribe_call(engine, call, "auto" if mode == "auto" else call[0]["lang"],
+                                                         pauses) for call in calls))
         for position in range(PER_CALL):
             errors = words_total = tags = 0
             for call, finals in zip(calls, results):
@@ -100,13 +105,18 @@ async def score_calls(engine, rows: list[dict]) -> dict:
 
 
 def score_calls_of(model_path, dest: Path | None = None, heldout: Path = HELDOUT) -> dict:
-    """Score a checkpoint on held-out calls; optionally write the scores as JSON."""
+    """Score a checkpoint on held-out calls with both pause profiles (``long_`` keys for the long one); optionally
+    write the scores as JSON."""
     from pipecat_nemotron.engine import Engine
 
     engine = Engine(model=str(model_path), chunk_ms=160, device="cpu", max_streams=64)
     engine.wait_ready()
+    async def both(rows):
+        short, long = await score_calls(engine, rows), await score_calls(engine, rows, "long")
+        return {**short, **{f"long_{key}": value for key, value in long.items()}}
+
     try:
-        scores = asyncio.run(score_calls(engine, heldout_rows(heldout)))
+        scores = asyncio.run(both(heldout_rows(heldout)))
     finally:
         engine.close()
     if dest is not None:

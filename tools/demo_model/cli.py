@@ -15,6 +15,10 @@ def main(argv=None) -> None:
     p.add_argument("--minutes", type=float, default=100.0, help="training time budget (wall clock of the training loop)")
     p.add_argument("--ft-minutes", type=float, default=40.0,
                    help="multi-utterance fine-tune budget after the main run (0 = skip)")
+    p.add_argument("--ft-silence-minutes", type=float, default=30.0,
+                   help="then the long-silence fine-tune (seconds of silence before and between utterances; 0 = skip)")
+    p.add_argument("--ft-stage", choices=["concat", "silence"], default="concat",
+                   help="`finetune`: which stage to run (for --minutes)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = time budget only)")
     p.add_argument("--skip-overfit", action="store_true", help="build: skip the 48-utterance overfit sanity check")
     p.add_argument("--repo", type=Path, default=Path("."), help="repo root for `ship`")
@@ -32,9 +36,14 @@ def main(argv=None) -> None:
     if a.stage in ("build", "train"):
         from .train import train
         train(a.out, seed=a.seed, minutes=a.minutes, max_steps=a.max_steps)
-    if a.stage == "finetune" or (a.stage == "build" and a.ft_minutes > 0):
-        from .train import finetune_concat
-        finetune_concat(a.out, seed=a.seed, minutes=a.minutes if a.stage == "finetune" else a.ft_minutes)
+    if a.stage == "finetune":
+        from .train import FT_STAGES, finetune
+        finetune(a.out, FT_STAGES[a.ft_stage], seed=a.seed, minutes=a.minutes)
+    if a.stage == "build":
+        from .train import FT_STAGES, finetune
+        for name, minutes in (("concat", a.ft_minutes), ("silence", a.ft_silence_minutes)):
+            if minutes > 0:
+                finetune(a.out, FT_STAGES[name], seed=a.seed, minutes=minutes)
     if a.stage in ("build", "evaluate"):
         from .evaluate import evaluate
         evaluate(a.out)

@@ -25,6 +25,7 @@ import random
 import shutil
 import time
 import wave
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -406,10 +407,44 @@ def overfit(out: Path, seed: int = 1234) -> dict:
     return res
 
 
-def _concat_batch(data: Data, idx: list[int], rng: np.random.Generator, p_concat: float):
-    """Like Data.batch, but each item is, with probability p_concat, 2-4 utterances joined by pauses (the tagged
+@dataclass(frozen=True)
+class FinetuneStage:
+    """One fine-tune stage after the main run: where it starts, and how its multi-utterance items are built."""
+    name: str
+    init: str  # checkpoint it continues (weights and optimiser state)
+    peak_lr: float
+    pause_s: tuple[float, float]  # pause between joined utterances
+    p_lead: float = 0.0  # share of items that start with a long silence
+    lead_s: tuple[float, float] = (0.0, 0.0)
+    p_floor: float = 0.0  # share of items with a low noise floor under the whole item, silences included
+    batch_s: float = MAX_BATCH_S / 2
+
+    @property
+    def ckpt(self) -> str:
+        return "finetune_ckpt.pt" if self.name == "concat" else f"finetune_{self.name}_ckpt.pt"
+
+    @property
+    def result(self) -> str:
+        return "finetune_result.json" if self.name == "concat" else f"finetune_{self.name}_result.json"
+
+
+FT_WARMUP = 100
+FT_P_CONCAT = 0.6
+FT_STAGES = {
+    # several utterances per stream: go on after a tag with speech in the left context
+    "concat": FinetuneStage("concat", init="train_ckpt.pt", peak_lr=4e-4, pause_s=(0.2, 1.2)),
+    # what calls really carry: seconds of silence before the first word and between utterances (the main run's
+    # items have at most 0.3 s; with 3-6 s of it in the left context the model's words and tags got worse)
+    "silence": FinetuneStage("silence", init="finetune_ckpt.pt", peak_lr=2e-4, pause_s=(0.2, 4.0), p_lead=0.5,
+                             lead_s=(0.5, 6.0), p_floor=0.5, batch_s=MAX_BATCH_S / 3),
+}
+
+
+def _concat_batch(data: Data, idx: list[int], rng: np.random.Generator, stage: FinetuneStage):
+    """Like Data.batch, but each item is, with probability FT_P_CONCAT, 2-4 utterances joined by pauses (the tagged
     texts concatenated), so the model learns to go on after a tag with speech in its left context. Items with the
-    ``auto`` prompt may switch language between utterances; items with a given language keep it."""
+    ``auto`` prompt may switch language between utterances; items with a given language keep it. The stage may put
+    a long silence first and a faint noise floor under the whole item."""
     by_lang: dict[int, list[int]] = {}
     for i, li in enumerate(data.lang_idx):
         by_lang.setdefault(li, []).append(i)
@@ -417,38 +452,38 @@ def _concat_batch(data: Data, idx: list[int], rng: np.random.Generator, p_concat
     for i in idx:
         auto = rng.random() < P_AUTO
         items = [i]
-        if rng.random() < p_concat:
+        if rng.random() < FT_P_CONCAT:
             for _ in range(int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))):
                 pool = range(len(data.rows)) if auto else by_lang[data.lang_idx[i]]
                 items.append(int(pool[int(rng.integers(len(pool)))]))
         parts, toks = [], []
+        if rng.random() < stage.p_lead:
+            parts.append(np.zeros(int(rng.uniform(*stage.lead_s) * SR), np.float32))
         for k, j in enumerate(items):
             if k:
-                parts.append(np.zeros(int(rng.uniform(0.2, 1.2) * SR), np.float32))
+                parts.append(np.zeros(int(rng.uniform(*stage.pause_s) * SR), np.float32))
             parts.append(augment(data.audio[j].astype(np.float32) / 32768.0, rng, P_TEL))
             toks += data.tokens[j]
-        xs.append(np.concatenate(parts))
+        x = np.concatenate(parts)
+        if rng.random() < stage.p_floor:
+            x = x + rng.standard_normal(len(x)).astype(np.float32) * 10 ** (rng.uniform(-75, -50) / 20)
+        xs.append(x)
         ys.append(toks)
         prompts.append(PROMPT_DICTIONARY["auto"] if auto else data.lang_idx[i])
     return (*padded(xs, ys), torch.tensor(prompts))
 
 
-FT_PEAK_LR = 4e-4
-FT_WARMUP = 100
-FT_P_CONCAT = 0.6
-
-
-def finetune_concat(out: Path, seed: int = 1234, minutes: float = 40.0, peak_lr: float = FT_PEAK_LR) -> dict:
-    """Stage 2b: continue the main run (its weights and optimiser state) on multi-utterance items, so a call with
-    several utterances is transcribed past the first one. Resumable (``finetune_ckpt.pt``); writes
-    ``demo.nemo`` (the main run's model is kept as ``demo_main.nemo``). Same losses, prompt mix, augmentation and SpecAugment as the end of the main run."""
+def finetune(out: Path, stage: FinetuneStage, seed: int = 1234, minutes: float = 40.0) -> dict:
+    """A fine-tune stage (``FT_STAGES``): continue ``stage.init`` (weights and optimiser state) on multi-utterance
+    items. Resumable (``stage.ckpt``); writes ``demo.nemo`` and ``demo_<stage>.nemo`` (the main run's model is kept
+    as ``demo_main.nemo``). Same losses, prompt mix, augmentation and SpecAugment as the end of the main run."""
     torch.set_num_threads(int(os.environ.get("DEMO_THREADS", "2")))
     _seed_all(seed + 1)
     rows = read_manifest(out / "data" / "train.jsonl")
     model = build_model(build_tokenizer([r["text"] for r in rows], out / "tokenizer"))
     V = model.tokenizer.vocab_size
     ctc_head = CTCHead(model.cfg.model_defaults.enc_hidden, V)
-    main = torch.load(out / "train_ckpt.pt", weights_only=False)
+    start = torch.load(out / stage.init, weights_only=False)
     fstd = json.loads((out / "train_result.json").read_text())["feat_std"]
     conv0 = [model.encoder.pre_encode.conv[0].weight]
     rnnt_params = list(model.decoder.parameters()) + list(model.joint.parameters()) + \
@@ -460,15 +495,16 @@ def finetune_concat(out: Path, seed: int = 1234, minutes: float = 40.0, peak_lr:
         {"params": conv0, "lr_scale": 1.0 / fstd, "name": "conv0"},
         {"params": rnnt_params, "lr_scale": 1.0, "name": "rnnt"},
     ]
+    peak_lr = stage.peak_lr
     opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.98), weight_decay=1e-3)
-    ckpt_path = out / "finetune_ckpt.pt"
+    ckpt_path = out / stage.ckpt
     step, elapsed = 0, 0.0
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
         step, elapsed = ck["step"], ck["elapsed"]
-        log.info("finetune: resumed at step %d (%.1f min)", step, elapsed / 60)
+        log.info("finetune %s: resumed at step %d (%.1f min)", stage.name, step, elapsed / 60)
     else:
-        ck = main
+        ck = start
     model.load_state_dict(ck["model"])
     ctc_head.load_state_dict(ck["ctc_head"])
     opt.load_state_dict(ck["opt"])
@@ -487,14 +523,14 @@ def finetune_concat(out: Path, seed: int = 1234, minutes: float = 40.0, peak_lr:
     model.train()
     t0, t_ckpt, avg, epoch = time.time() - elapsed, time.time(), {}, step // 400
     while elapsed < budget:
-        for idx in _batches(data.durs, random.Random(seed * 31 + epoch), MAX_BATCH_S / 2):
+        for idx in _batches(data.durs, random.Random(seed * 31 + epoch), stage.batch_s):
             elapsed = time.time() - t0
             if elapsed >= budget:
                 break
             lr = peak_lr * min(1.0, (step + 1) / FT_WARMUP) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * elapsed / budget)))
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
-            X, xl, Y, yl, prompts = _concat_batch(data, idx, rng, FT_P_CONCAT)
+            X, xl, Y, yl, prompts = _concat_batch(data, idx, rng, stage)
             feats, flen = model.preprocessor(input_signal=X, length=xl)
             feats = model.spec_augmentation(input_spec=feats, length=flen)
             enc, elen = model.encoder(audio_signal=feats, length=flen)
@@ -512,11 +548,11 @@ def finetune_concat(out: Path, seed: int = 1234, minutes: float = 40.0, peak_lr:
             for k, v in (("ctc", float(ctc)), ("rnnt", float(rn))):
                 avg[k] = v if k not in avg else 0.95 * avg[k] + 0.05 * v
             if step % 50 == 0:
-                log.info("finetune step %d %.1f/%.0f min lr %.2e | ctc %.2f rnnt %.2f (nats/item)", step,
+                log.info(f"finetune {stage.name} step %d %.1f/%.0f min lr %.2e | ctc %.2f rnnt %.2f (nats/item)", step,
                          elapsed / 60, minutes, lr, avg["ctc"], avg["rnnt"])
             if step % 500 == 0:
                 v = quick_val(model, ctc_head, val, list(range(min(len(val.rows), 45))), use_rnnt=True)
-                log.info("finetune step %d VAL %s", step, json.dumps(v, ensure_ascii=False))
+                log.info("finetune %s step %d VAL %s", stage.name, step, json.dumps(v, ensure_ascii=False))
             if time.time() - t_ckpt > CKPT_EVERY_S:
                 save_ckpt()
                 t_ckpt = time.time()
@@ -529,8 +565,10 @@ def finetune_concat(out: Path, seed: int = 1234, minutes: float = 40.0, peak_lr:
     if (out / "demo.nemo").exists() and not (out / "finetune_used").exists():
         shutil.copyfile(out / "demo.nemo", out / "demo_main.nemo")
     model.save_to(str(out / "demo.nemo"))
+    shutil.copyfile(out / "demo.nemo", out / f"demo_{stage.name}.nemo")
     (out / "finetune_used").touch()
-    res = {"steps": step, "minutes": elapsed / 60, "peak_lr": peak_lr, "p_concat": FT_P_CONCAT, "val": v, **avg}
-    (out / "finetune_result.json").write_text(json.dumps(res, indent=1, ensure_ascii=False))
-    log.info("finetune done: %s", res)
+    res = {"stage": stage.name, "steps": step, "minutes": elapsed / 60, "peak_lr": peak_lr, "p_concat": FT_P_CONCAT,
+           "val": v, **avg}
+    (out / stage.result).write_text(json.dumps(res, indent=1, ensure_ascii=False))
+    log.info("finetune %s done: %s", stage.name, res)
     return res
