@@ -5,8 +5,8 @@ import sys
 
 import numpy as np
 import pytest
-from scipy.signal import resample_poly
 from loguru import logger
+from scipy.signal import resample_poly
 from typer.testing import CliRunner
 
 from pipecat_nemotron.cli import app

@@ -36,7 +36,6 @@ from tiny import speechlike
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.timeout(120)  # a hung browser or socket fails, not blocks, the run
-DEMO_MODEL = Path(__file__).parent.parent / "plugin" / "models" / "demo.nemo"
 
 
 def require_chromium() -> str:

@@ -419,6 +419,7 @@ class FinetuneStage:
     p_floor: float = 0.0  # share of items with a low noise floor under the whole item, silences included
     batch_s: float = MAX_BATCH_S / 2
 
+    # the first stage keeps the file names it had before there were stages, so existing builds resume
     @property
     def ckpt(self) -> str:
         return "finetune_ckpt.pt" if self.name == "concat" else f"finetune_{self.name}_ckpt.pt"
