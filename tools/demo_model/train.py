@@ -135,6 +135,28 @@ def _scale_first_conv(model, s: float):
     return [conv0.weight]
 
 
+def _optimizer(model, ctc_head, conv0_params: list, fstd: float, peak_lr: float) -> torch.optim.AdamW:
+    """AdamW with three groups (same order in the main run and the fine-tunes, so their optimiser states load):
+    encoder + CTC head, the first conv (LR scaled by 1/feature std), and the RNN-T decoder, joint and prompt."""
+    rnnt_params = list(model.decoder.parameters()) + list(model.joint.parameters()) + \
+        list(model.prompt_kernel.parameters())
+    special = {id(p) for p in conv0_params + rnnt_params}
+    groups = [
+        {"params": [p for p in list(model.parameters()) + list(ctc_head.parameters()) if id(p) not in special],
+         "lr_scale": 1.0, "name": "enc"},
+        {"params": conv0_params, "lr_scale": 1.0 / fstd, "name": "conv0"},
+        {"params": rnnt_params, "lr_scale": 1.0, "name": "rnnt"},
+    ]
+    return torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.98), weight_decay=1e-3)
+
+
+def _save_atomically(path: Path, state: dict) -> None:
+    """A checkpoint that a kill mid-write cannot corrupt (training resumes from it)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.rename(path)
+
+
 @torch.no_grad()
 def collapse_check(model, feats: torch.Tensor, flen: torch.Tensor, seed: int = 0) -> float:
     """Relative change of the encoder output when real features are replaced by random ones (same mean/std)."""
@@ -231,16 +253,7 @@ def train(out: Path, seed: int = 1234, minutes: float = 70.0, max_steps: int = 0
     log.info("%s: log-mel mean %.2f std %.2f (first conv scaled by 1/std)", tag, fmean, fstd)
     conv0_params = _scale_first_conv(model, fstd)
 
-    rnnt_params = list(model.decoder.parameters()) + list(model.joint.parameters()) + \
-        list(model.prompt_kernel.parameters())
-    ids_special = {id(p) for p in conv0_params + rnnt_params}
-    enc_params = [p for p in list(model.parameters()) + list(ctc_head.parameters()) if id(p) not in ids_special]
-    groups = [
-        {"params": enc_params, "lr_scale": 1.0, "name": "enc"},
-        {"params": conv0_params, "lr_scale": 1.0 / fstd, "name": "conv0"},
-        {"params": rnnt_params, "lr_scale": 1.0, "name": "rnnt"},
-    ]
-    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.98), weight_decay=1e-3)
+    opt = _optimizer(model, ctc_head, conv0_params, fstd, peak_lr)
 
     ckpt_path = out / f"{tag}_ckpt.pt"
     step, elapsed, epoch, hist = 0, 0.0, 0, []
@@ -262,11 +275,9 @@ def train(out: Path, seed: int = 1234, minutes: float = 70.0, max_steps: int = 0
         return 1e-5 + 0.5 * (peak_lr - 1e-5) * (1 + math.cos(math.pi * min(1.0, frac_time)))
 
     def save_ckpt():
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "ctc_head": ctc_head.state_dict(), "opt": opt.state_dict(),
-                    "step": step, "elapsed": elapsed, "epoch": epoch, "hist": hist, "py_rng": random.getstate(),
-                    "torch_rng": torch.get_rng_state()}, tmp)
-        tmp.rename(ckpt_path)
+        _save_atomically(ckpt_path, {"model": model.state_dict(), "ctc_head": ctc_head.state_dict(),
+                                     "opt": opt.state_dict(), "step": step, "elapsed": elapsed, "epoch": epoch,
+                                     "hist": hist, "py_rng": random.getstate(), "torch_rng": torch.get_rng_state()})
 
     check_x = data.batch(list(range(min(8, len(rows)))), np.random.default_rng(7), aug=False)
     with torch.no_grad():
@@ -486,18 +497,8 @@ def finetune(out: Path, stage: FinetuneStage, seed: int = 1234, minutes: float =
     ctc_head = CTCHead(model.cfg.model_defaults.enc_hidden, V)
     start = torch.load(out / stage.init, weights_only=False)
     fstd = json.loads((out / "train_result.json").read_text())["feat_std"]
-    conv0 = [model.encoder.pre_encode.conv[0].weight]
-    rnnt_params = list(model.decoder.parameters()) + list(model.joint.parameters()) + \
-        list(model.prompt_kernel.parameters())
-    special = {id(p) for p in conv0 + rnnt_params}
-    groups = [
-        {"params": [p for p in list(model.parameters()) + list(ctc_head.parameters()) if id(p) not in special],
-         "lr_scale": 1.0, "name": "enc"},
-        {"params": conv0, "lr_scale": 1.0 / fstd, "name": "conv0"},
-        {"params": rnnt_params, "lr_scale": 1.0, "name": "rnnt"},
-    ]
     peak_lr = stage.peak_lr
-    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.98), weight_decay=1e-3)
+    opt = _optimizer(model, ctc_head, [model.encoder.pre_encode.conv[0].weight], fstd, peak_lr)
     ckpt_path = out / stage.ckpt
     step, elapsed = 0, 0.0
     if ckpt_path.exists():
@@ -515,10 +516,8 @@ def finetune(out: Path, stage: FinetuneStage, seed: int = 1234, minutes: float =
     budget = minutes * 60.0
 
     def save_ckpt():
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "ctc_head": ctc_head.state_dict(), "opt": opt.state_dict(),
-                    "step": step, "elapsed": elapsed}, tmp)
-        tmp.rename(ckpt_path)
+        _save_atomically(ckpt_path, {"model": model.state_dict(), "ctc_head": ctc_head.state_dict(),
+                                     "opt": opt.state_dict(), "step": step, "elapsed": elapsed})
 
     params = list(model.parameters()) + list(ctc_head.parameters())
     model.train()
