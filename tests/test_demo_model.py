@@ -12,8 +12,9 @@ import pytest
 from scipy.signal import resample_poly
 import torch
 
-from pipecat_nemotron.engine import Engine, Final
+from pipecat_nemotron.engine import Engine
 from pipecat_nemotron.engine.loader import demo_model_path
+from engine_support import final_of
 from reference import padded_for_finalize
 from tools.demo_model.calls import LANGUAGES, heldout_rows, word_errors
 from tools.demo_model.calls import words as normalise
@@ -52,16 +53,7 @@ def demo_engine():
 
 
 async def transcribe_all(engine, rows, language_of):
-    async def one(row):
-        stream = engine.open_stream(language=language_of(row))
-        stream.feed(row["audio"])
-        stream.finalize()
-        async for result in stream:
-            if isinstance(result, Final):
-                stream.close()
-                return result
-
-    return await asyncio.gather(*(one(row) for row in rows))
+    return await asyncio.gather(*(final_of(engine, row["audio"], language=language_of(row)) for row in rows))
 
 
 def test_demo_model_ships_within_size():

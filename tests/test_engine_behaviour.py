@@ -7,11 +7,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipecat_nemotron.engine import (AudioFormatError, CapacityError, Engine, Final, ModelLoadError, Partial,
+from pipecat_nemotron.engine import (AudioFormatError, CapacityError, Engine, ModelLoadError, Partial,
                                      StreamClosedError, UnsupportedChunkSizeError, UnsupportedLanguageError,
                                      load_model, split_language_tags)
 from pipecat_nemotron.engine.features import HOP
 from pipecat_nemotron.engine.loader import att_context_for_chunk, chunk_spec
+from engine_support import next_final
 from reference import padded_for_finalize, reference_tokens
 from tiny import speechlike
 
@@ -19,13 +20,6 @@ from tiny import speechlike
 @pytest.fixture
 def engine(tiny_engine):
     return tiny_engine
-
-
-async def next_final(stream):
-    async for result in stream:
-        if isinstance(result, Final):
-            return result
-    raise AssertionError("stream ended without a Final")
 
 
 async def test_language_prompt_changes_output(engine):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipecat_nemotron.engine import Engine, Final
+from pipecat_nemotron.engine import Engine
 from pipecat_nemotron.engine.features import HOP, MelExtractor, window_for
+from engine_support import next_final
 from reference import offline_mel, padded_for_finalize, reference_tokens
 from tiny import speechlike
 
@@ -20,9 +21,7 @@ async def transcribe(engine, audio, *, language, pieces=7):
         await asyncio.sleep(0)
     stream.finalize()
     try:
-        async for result in stream:
-            if isinstance(result, Final):
-                return result
+        return await next_final(stream)
     finally:
         stream.close()
 
@@ -100,10 +99,10 @@ async def test_mixed_batch_equals_each_stream_alone(tiny_model, engine_factory):
 
 
 async def _final_of(stream):
-    async for result in stream:
-        if isinstance(result, Final):
-            stream.close()
-            return result
+    try:
+        return await next_final(stream)
+    finally:
+        stream.close()
 
 
 async def _until_idle(streams, timeout=20.0):

@@ -16,10 +16,11 @@ from pipecat.transcriptions.language import Language
 from pipecat.workers.runner import WorkerRunner
 from scipy.signal import resample_poly
 
-from pipecat_nemotron.engine import Engine, Final
+from pipecat_nemotron.engine import Engine
 from pipecat_nemotron.stt import NemotronSTTService
 from pipecat_nemotron.transports.sip import SIPCallTransport
 from pipecat_nemotron.vad import WebRTCVADAnalyzer
+from engine_support import final_of
 from test_sip_peers import HOST, Collector, network, start_server, write_baresip_config, write_wav  # noqa: F401
 from tiny import speechlike
 
@@ -74,13 +75,7 @@ async def transcribe_call(call, stt, collector):
 
 
 async def engine_tokens(engine, pieces):
-    stream = engine.open_stream(language="en-US")
-    stream.feed(np.concatenate(pieces))
-    stream.finalize()
-    async for result in stream:
-        if isinstance(result, Final):
-            stream.close()
-            return result
+    return await final_of(engine, np.concatenate(pieces), language="en-US")
 
 
 async def test_baresip_call_is_transcribed_like_the_engine(tmp_path, network, tiny_model):

@@ -12,8 +12,8 @@ from pipecat.services.settings import STTSettings
 from pipecat.tests.utils import SleepFrame, run_test
 from pipecat.transcriptions.language import Language
 
-from pipecat_nemotron.engine import Final
 from pipecat_nemotron.stt import TTFS_P99_BY_CHUNK_MS, NemotronSTTService
+from engine_support import final_of
 from tiny import speechlike
 
 
@@ -67,13 +67,7 @@ def utterance(audio, rate, pause=0.3):
 
 
 async def engine_final(engine, audio16, language="en-US"):
-    stream = engine.open_stream(language=language)
-    stream.feed((np.clip(audio16, -1, 1) * 32767).astype(np.int16))
-    stream.finalize()
-    async for result in stream:
-        if isinstance(result, Final):
-            stream.close()
-            return result
+    return await final_of(engine, (np.clip(audio16, -1, 1) * 32767).astype(np.int16), language=language)
 
 
 async def test_final_text_equals_engine_and_carries_language(engine):

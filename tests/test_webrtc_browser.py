@@ -32,6 +32,7 @@ from pipecat.transcriptions.language import Language
 
 from pipecat_nemotron.engine import Engine, Final
 from pipecat_nemotron.webrtc_server import LLMConfig, WebRTCServer, allow_loopback_ice_candidates
+from engine_support import final_of, next_final
 from tiny import speechlike
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -100,10 +101,7 @@ class Recorder:
         for event in self.events:
             if isinstance(event, str):
                 stream.finalize()
-                async for result in stream:
-                    if isinstance(result, Final):
-                        finals.append(result)
-                        break
+                finals.append(await next_final(stream))
             else:
                 stream.feed(event)
         stream.close()
@@ -345,11 +343,8 @@ async def _demo_picks(engine: Engine, per_language: int = 4, min_words: int = 3)
         scored = []
         candidates = [r for r in rows if r["lang"] == lang and len(words(r["text"])) >= min_words]
         for row in candidates[:per_language]:
-            stream = engine.open_stream(language="auto")
-            stream.feed(np.concatenate([row["audio"], np.zeros(int(0.8 * 16000), np.float32)]))  # + VAD stop wait
-            stream.finalize()
-            final = [r async for r in _until_final(stream)][-1]
-            stream.close()
+            audio = np.concatenate([row["audio"], np.zeros(int(0.8 * 16000), np.float32)])  # + the VAD stop wait
+            final = await final_of(engine, audio, language="auto")
             errors, total = word_errors(final.text, row["text"])
             row["direct"] = {"text": final.text, "language": final.language, "wer": errors / total}
             scored.append((final.language != lang, errors / total, row))
@@ -364,13 +359,6 @@ def _leading_silence_s(audio16k: np.ndarray, frame: int = 320) -> float:
         if np.sqrt(np.mean(samples[start:start + frame] ** 2)) > 0.01:
             return start / 16000
     return len(samples) / 16000
-
-
-async def _until_final(stream):
-    async for result in stream:
-        yield result
-        if isinstance(result, Final):
-            return
 
 
 async def test_browser_call_demo_model_words_and_language(tmp_path):
