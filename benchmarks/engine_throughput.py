@@ -53,7 +53,7 @@ def measure_engine(model, chunk_ms: int, streams: int, warmup: int, steps: int) 
     _wait(lambda: all(s.steps >= 1 + warmup + steps for s in handles))
     wall = time.perf_counter() - started
     step_ms = (engine.stats.busy_seconds - busy_before) / max(1, engine.stats.steps - steps_before) * 1000
-    batches = engine.stats.batch_sizes[-(engine.stats.steps - steps_before):]
+    batches = list(engine.stats.batch_sizes)[-(engine.stats.steps - steps_before):]
     engine.close()
     return {"audio_s_per_s": streams * steps * chunk_ms / 1000 / wall, "step_ms": step_ms,
             "mean_batch": float(np.mean(batches)) if batches else 0.0}

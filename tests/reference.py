@@ -26,17 +26,38 @@ def offline_mel(model, audio: np.ndarray) -> torch.Tensor:
     return mel
 
 
-@torch.inference_mode()
-def reference_tokens(model, audio: np.ndarray, *, language: str, chunk_ms: int,
-                     reset_at_frames: tuple[int, ...] = ()) -> list[list[int]]:
-    """Tokens per utterance from NeMo's reference loop on the engine's (padded) timeline.
-
-    `reset_at_frames`: mel frames where an utterance ended (decoder restarts there).
-    """
+def reset_timeline(model, utterances: list[np.ndarray], chunk_ms: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The engine's timeline for utterances finalized one after the other with the context reset at
+    each Final: each is padded to a chunk boundary of its own grid (starting where the previous one
+    ended). Returns the timeline and each utterance's (first, end) mel frames."""
     spec = chunk_spec(model, chunk_ms)
+    pieces, spans, total, origin = [], [], 0, 0
+    for audio in utterances:
+        total += len(audio)
+        end = origin + spec.chunk_boundary_at_or_after(-(-total // HOP) - origin)
+        pad = max(0, samples_needed(end) - total)
+        pieces += [audio, np.zeros(pad, dtype=np.float32)]
+        total += pad
+        spans.append((origin, end))
+        origin = end
+    return np.concatenate(pieces), spans
+
+
+@torch.inference_mode()
+def reference_tokens_with_resets(model, utterances: list[np.ndarray], *, language: str,
+                                 chunk_ms: int) -> list[list[int]]:
+    """Tokens per utterance from NeMo's reference loop when every utterance starts with fresh caches
+    (a new loop on that utterance's frames of the engine's timeline)."""
+    timeline, spans = reset_timeline(model, utterances, chunk_ms)
     model.set_inference_prompt(language)
-    padded, frames = padded_for_finalize(model, audio, chunk_ms)
-    mel = offline_mel(model, padded)[:, :, :frames]
+    mel = offline_mel(model, timeline)
+    return [_loop(model, mel[:, :, first:end], chunk_ms)[-1] for first, end in spans]
+
+
+@torch.inference_mode()
+def _loop(model, mel: torch.Tensor, chunk_ms: int, reset_at_frames: tuple[int, ...] = ()) -> list[list[int]]:
+    """NeMo's streaming loop over `mel` from empty caches; tokens per utterance."""
+    spec = chunk_spec(model, chunk_ms)
     buffer = CacheAwareStreamingAudioBuffer(model=model)
     buffer.append_processed_signal(mel)
     channel, time_cache, channel_len = model.encoder.get_initial_cache_state(batch_size=1)
@@ -53,3 +74,15 @@ def reference_tokens(model, audio: np.ndarray, *, language: str, chunk_ms: int,
             hyps = None
     utterances.append([int(t) for t in hyps[0].y_sequence] if hyps else [])
     return utterances
+
+
+@torch.inference_mode()
+def reference_tokens(model, audio: np.ndarray, *, language: str, chunk_ms: int,
+                     reset_at_frames: tuple[int, ...] = ()) -> list[list[int]]:
+    """Tokens per utterance from NeMo's reference loop on the engine's (padded) timeline.
+
+    `reset_at_frames`: mel frames where an utterance ended (decoder restarts there).
+    """
+    model.set_inference_prompt(language)
+    padded, frames = padded_for_finalize(model, audio, chunk_ms)
+    return _loop(model, offline_mel(model, padded)[:, :, :frames], chunk_ms, reset_at_frames)

@@ -240,26 +240,3 @@ async def test_unended_utterance_is_finalized_at_the_cap(tiny_model):
     assert all(f.end_s - f.start_s <= 1.2 for f in finals[:-1]) and finals[-1].end_s == pytest.approx(2.5, abs=0.01)
     stream.close()
     engine.close()
-
-
-async def test_reset_context_per_utterance_starts_each_utterance_like_a_new_stream(tiny_model):
-    """For models trained on single utterances (the demo model asks for it in its config)."""
-    engine = Engine(model=tiny_model, chunk_ms=160, device="cpu", max_streams=2, reset_context_per_utterance=True)
-    await engine.ready()
-    first, second = speechlike(1.3, seed=71), speechlike(1.5, seed=72)
-    stream = engine.open_stream(language="en-US")
-    stream.feed(first)
-    stream.finalize()
-    await next_final(stream)
-    stream.feed(second)
-    stream.finalize()
-    continued = await asyncio.wait_for(next_final(stream), 10)
-    stream.feed(second)
-    stream.finalize()
-    third = await asyncio.wait_for(next_final(stream), 10)
-    stream.close()
-    engine.close()
-    # each utterance restarts on its own chunk grid (it begins after the finalize padding, so the
-    # tokens are close to, not equal to, a fresh stream's); none may hang or be lost
-    assert continued.token_ids and third.token_ids
-    assert continued.start_s == pytest.approx(1.3) and third.end_s == pytest.approx(4.3)

@@ -16,6 +16,8 @@ independent calls:
   produce exactly `valid_out_len` frames per step, so the batch stays rectangular.
 * `keep_all_outputs` is also one flag per call; we keep every output and trim per
   stream ourselves (the flag only trims, it never changes the caches).
+* `rnnt_decoder_predictions_tensor` detokenises every whole hypothesis after each step;
+  `decode_step` runs only the search and leaves text to the engine's incremental detokeniser.
 
 If NeMo grows per-stream prompts and drops in its streaming API, this module is the
 only one to change.
@@ -109,8 +111,11 @@ def encode_pre_encoded(encoder, x: torch.Tensor, lengths: torch.Tensor, cache_ch
 
 
 def decode_step(model, encoded: torch.Tensor, lengths: torch.Tensor, hypotheses: list):
-    """Greedy RNN-T continuation of each stream's partial hypothesis (None starts fresh)."""
-    return model.decoding.rnnt_decoder_predictions_tensor(
-        encoder_output=encoded, encoded_lengths=lengths, return_hypotheses=True,
-        partial_hypotheses=hypotheses,
-    )
+    """Greedy RNN-T continuation of each stream's partial hypothesis (None starts fresh).
+
+    Calls the decoding strategy's search directly: `rnnt_decoder_predictions_tensor` would then run
+    `decode_hypothesis`, which re-detokenises every stream's whole hypothesis after every step
+    (quadratic in utterance length); the engine detokenises only each step's new tokens."""
+    with torch.inference_mode():
+        return model.decoding.decoding(encoder_output=encoded, encoded_lengths=lengths,
+                                       partial_hypotheses=hypotheses)[0]

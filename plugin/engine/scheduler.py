@@ -5,6 +5,11 @@ Each tick takes every stream with a full chunk (or a due finalize), up to
 frames, runs ONE conformer step for all of them with one language prompt per row,
 continues each stream's RNN-T hypothesis, scatters the caches back and posts the
 results to each stream's event loop. Nothing on the event loop waits for the model.
+
+Faults stay local: a step that raises fails the streams in it, an error in one stream's
+post-step work fails that stream, and the thread goes on serving the others. Should the
+thread end anyway, every open stream gets an error at once and `Engine.shared` builds a
+new engine. Slots of closed streams return to the pool only between steps (`slots.py`).
 """
 
 from __future__ import annotations
@@ -14,17 +19,20 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import nemo_compat
-from .errors import (CapacityError, EngineStepError, ModelLoadError, NemotronEngineError, StreamClosedError,
-                     UnsupportedLanguageError)
+from .detokenize import Detokenizer, PieceTable
+from .errors import EngineStepError, ModelLoadError, NemotronEngineError, StreamClosedError, UnsupportedLanguageError
 from .features import HOP, LEAD_FRAMES, MelExtractor, window_for
 from .loader import DEFAULT_MODEL, SAMPLE_RATE, chunk_spec, load_model, model_name, resolve_device
+from .reservation import Capacity, StreamReservation
 from .results import Final
+from .slots import SlotPool
 from .stream import Stream
 
 logger = logging.getLogger("pipecat_nemotron.engine")
@@ -43,7 +51,14 @@ def _model_lock(model) -> threading.Lock:
 
 @dataclass
 class EngineStats:
-    """Counters of the engine thread. `realtime_factor` > 1 means steps are slower than audio."""
+    """Counters of the engine thread. `realtime_factor` > 1 means steps are slower than audio.
+
+    Totals count every step; `batch_sizes` and the `recent_*` figures cover the last `WINDOW` steps,
+    so a long-running server's figures follow its current load instead of freezing.
+    """
+
+    WINDOW = 10000
+    RECENT = 200
 
     chunk_ms: int = 0
     steps: int = 0
@@ -54,47 +69,29 @@ class EngineStats:
     last_batch: int = 0
     last_lag_s: float = 0.0
     max_lag_s: float = 0.0
-    batch_sizes: list[int] = field(default_factory=list)
+    failed_steps: int = 0
+    batch_sizes: deque = field(default_factory=lambda: deque(maxlen=EngineStats.WINDOW))
+    _recent: deque = field(default_factory=lambda: deque(maxlen=EngineStats.RECENT), repr=False)
 
     @property
     def realtime_factor(self) -> float:
         return self.busy_seconds / (self.steps * self.chunk_ms / 1000) if self.steps else 0.0
 
+    @property
+    def recent_realtime_factor(self) -> float:
+        """Step time per chunk duration over the last `RECENT` steps (0 before the first)."""
+        recent = list(self._recent)
+        return sum(recent) / (len(recent) * self.chunk_ms / 1000) if recent else 0.0
 
-class _SlotPool:
-    """Encoder caches of every stream slot, preallocated: [layers, slots, ...] tensors."""
-
-    def __init__(self, model, spec, slots: int, device):
-        channel, time_cache, channel_len = model.encoder.get_initial_cache_state(
-            batch_size=slots, dtype=torch.float32, device=device)
-        self.channel, self.time, self.channel_len = channel, time_cache, channel_len
-        n_mels = model.preprocessor.featurizer.nfilt
-        self.mel = torch.zeros(slots, n_mels, spec.pre_encode_cache_frames, device=device)
-        self.free = list(range(slots - 1, -1, -1))
-
-    def take(self) -> int:
-        slot = self.free.pop()
-        self.reset(slot)
-        return slot
-
-    def reset(self, slot: int) -> None:
-        self.channel[:, slot].zero_()
-        self.time[:, slot].zero_()
-        self.channel_len[slot] = 0
-        self.mel[slot].zero_()
-
-    def give_back(self, slot: int) -> None:
-        self.free.append(slot)
-
-    def gather(self, index: torch.Tensor):
-        return (self.channel.index_select(1, index), self.time.index_select(1, index),
-                self.channel_len.index_select(0, index), self.mel.index_select(0, index))
-
-    def scatter(self, index: torch.Tensor, channel, time_cache, channel_len, mel) -> None:
-        self.channel.index_copy_(1, index, channel)
-        self.time.index_copy_(1, index, time_cache)
-        self.channel_len.index_copy_(0, index, channel_len)
-        self.mel.index_copy_(0, index, mel)
+    def record_step(self, batch: int, seconds: float) -> None:
+        self.steps += 1
+        self.streams_stepped += batch
+        self.audio_seconds += batch * self.chunk_ms / 1000
+        self.busy_seconds += seconds
+        self.last_step_ms = seconds * 1000
+        self.last_batch = batch
+        self.batch_sizes.append(batch)
+        self._recent.append(seconds)
 
 
 @dataclass
@@ -115,19 +112,21 @@ class Engine:
         model: Hugging Face id, `.nemo` path, `"demo"`, or a loaded NeMo model.
         chunk_ms: 80, 160, 320, 560 or 1120 (must be trained for the model).
         device: "auto", "cpu" or "cuda[:N]".
-        max_streams: slots in the cache pool; `open_stream` beyond it raises `CapacityError`.
+        max_streams: calls at once (reservations / slots in the cache pool); beyond it `try_reserve()`
+            gives None and `open_stream` raises `CapacityError`.
         max_batch: most streams in one step (default: all slots).
         max_backlog_s: most unprocessed audio per stream before `feed` raises `BacklogError`.
         max_utterance_s: an utterance nobody finalizes is finalized at this length (bounds memory).
         strip_language_tags: remove `<xx-YY>` from text (the language is reported separately).
         reset_context_per_utterance: start each utterance with empty encoder caches instead of carrying
             the call's context over. Default: what the model's config asks for
-            (`pipecat_nemotron.reset_context_per_utterance`, set by models trained on single utterances
-            such as the demo model), else False.
+            (`pipecat_nemotron.reset_context_per_utterance`; neither the bundled demo model, which was
+            fine-tuned on multi-utterance items, nor the released checkpoint asks for it), else False.
 
-    The model loads on the engine's own thread; `await engine.ready()` (or
-    `wait_ready()`) before opening streams. Use `Engine.shared(...)` to get the one
-    engine per (model, chunk size, device) of the process.
+    The model loads on the engine's own thread; `await engine.ready()` (or `wait_ready()`) before
+    opening streams. Use `Engine.shared(...)` to get the one engine per (model, chunk size, device)
+    of the process. Admission: `try_reserve()` before answering a call, then
+    `open_stream(reservation=...)`; see `reservation.py`.
     """
 
     def __init__(self, *, model=DEFAULT_MODEL, chunk_ms: int = 160, device: str = "auto", max_streams: int = 64,
@@ -149,30 +148,53 @@ class Engine:
         self.model = None
         self.spec = None
         self.languages: dict[str, int] = {}
+        self.lag_warning_s = 1.0
+        self._options = {"max_streams": max_streams, "max_batch": self.max_batch, "max_backlog_s": max_backlog_s,
+                         "max_utterance_s": max_utterance_s, "strip_language_tags": strip_language_tags,
+                         "reset_context_per_utterance": reset_context_per_utterance}
+        self._capacity = Capacity(max_streams)
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._streams: dict[int, Stream] = {}
+        self._slots_to_free: list[int] = []  # of closed/failed streams; the engine thread frees them between steps
+        self._failed_while_collecting: list[tuple[Stream, BaseException]] = []
         self._next_id = 0
         self._running = True
+        self._stopped: str | None = None  # why the engine thread ended
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._lag_warned_at = 0.0
         self._pause_depth = 0
-        self.lag_warning_s = 1.0
         self._thread = threading.Thread(target=self._run, name=f"nemotron-engine-{chunk_ms}ms", daemon=True)
         self._thread.start()
 
     # ---- registry ----------------------------------------------------------------------
     @classmethod
     def shared(cls, *, model=DEFAULT_MODEL, chunk_ms: int = 160, device: str = "auto", **options) -> "Engine":
-        """The process-wide engine for (model, chunk_ms, device); created on first use."""
+        """The process-wide engine for (model, chunk_ms, device); created on first use.
+
+        Options given for an engine that already exists must match its own (`ValueError` otherwise): a
+        second caller asking for another `max_streams` would otherwise silently get the first one's.
+        A dead engine (its thread ended) is replaced by a new one.
+        """
         key = (model_name(model), chunk_ms, resolve_device(device))
         with _registry_lock:
             engine = _registry.get(key)
-            if engine is None or not engine._running:
-                engine = cls(model=model, chunk_ms=chunk_ms, device=device, **options)
-                _registry[key] = engine
+            if engine is not None and engine.alive_or_loading:
+                engine._check_options(options)
+                return engine
+            engine = cls(model=model, chunk_ms=chunk_ms, device=device, **options)
+            _registry[key] = engine
             return engine
+
+    def _check_options(self, options: dict) -> None:
+        conflicts = {name: (value, self._options.get(name, "?")) for name, value in options.items()
+                     if name not in self._options or self._options[name] != value}
+        if conflicts:
+            told = ", ".join(f"{name}={asked!r} (it has {had!r})" for name, (asked, had) in conflicts.items())
+            raise ValueError(f"the shared engine for {self.model_name} at {self.chunk_ms} ms already exists with "
+                             f"other options: {told}. Pass the same options everywhere, or build your own "
+                             "Engine(...) and hand it to each service with engine=.")
 
     # ---- lifecycle -----------------------------------------------------------------------
     def wait_ready(self, timeout: float | None = None) -> "Engine":
@@ -193,12 +215,16 @@ class Engine:
         """Stop the engine thread; open streams end."""
         with self._lock:
             self._running = False
+            self._stopped = self._stopped or "closed"
             streams = list(self._streams.values())
             self._wakeup.notify_all()
         for stream in streams:
             self._close_stream(stream)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
+        self._unregister()
+
+    def _unregister(self) -> None:
         with _registry_lock:
             for key, engine in list(_registry.items()):
                 if engine is self:
@@ -217,18 +243,62 @@ class Engine:
                 self._wakeup.notify_all()
 
     @property
+    def health(self) -> str:
+        """"loading", "ready", "load failed: …", "stopped: …" (the thread ended) or "closed"."""
+        if not self._ready.is_set():
+            return "loading"
+        if self._load_error is not None:
+            return f"load failed: {self._load_error}"
+        if self._stopped is not None:
+            return self._stopped if self._stopped == "closed" else f"stopped: {self._stopped}"
+        return "ready" if self._thread.is_alive() else "stopped: the engine thread is gone"
+
+    @property
+    def alive(self) -> bool:
+        """Loaded and its thread serving streams."""
+        return self.health == "ready"
+
+    @property
+    def alive_or_loading(self) -> bool:
+        return self.health in ("ready", "loading")
+
+    @property
     def open_streams(self) -> int:
         with self._lock:
             return len(self._streams)
 
     @property
     def free_slots(self) -> int:
-        with self._lock:
-            return len(self._pool.free) if self._ready.is_set() and self._load_error is None else 0
+        """Calls the engine can still take (unreserved slots); 0 when it is not alive."""
+        return self._capacity.free if self.alive else 0
+
+    @property
+    def has_capacity(self) -> bool:
+        """Whether `try_reserve()` would succeed now (for a SIP OPTIONS answer or a health check)."""
+        return self.free_slots > 0
+
+    # ---- admission -----------------------------------------------------------------------
+    def try_reserve(self) -> StreamReservation | None:
+        """Reserve a stream for a call about to be answered; None when full or not alive.
+
+        Hand it to `open_stream(reservation=...)` (or `NemotronSTTService(reservation=...)`) and
+        `release()` it when the call is over, however it ended (idempotent)."""
+        if not self.alive_or_loading:
+            return None
+        return self._capacity.try_reserve()
+
+    def reserve(self) -> StreamReservation:
+        """Like `try_reserve`, but raises `CapacityError` when full (`StreamClosedError` when not alive)."""
+        if not self.alive_or_loading:
+            raise StreamClosedError(f"the engine is not serving ({self.health}).")
+        return self._capacity.reserve()
 
     # ---- streams -------------------------------------------------------------------------
-    def open_stream(self, *, language: str = "auto") -> Stream:
-        """Open a stream with a locale from the model's prompt dictionary, or "auto"."""
+    def open_stream(self, *, language: str = "auto", reservation: StreamReservation | None = None) -> Stream:
+        """Open a stream with a locale from the model's prompt dictionary, or "auto".
+
+        With a `reservation` the stream runs on it and closing the stream keeps it (the call may open
+        another stream on it); without one the stream takes its own, released when it closes."""
         if not self._ready.is_set():
             raise NemotronEngineError("the model is still loading; await engine.ready() first.")
         self.wait_ready(0)
@@ -237,17 +307,23 @@ class Engine:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        with self._lock:
-            if not self._running:
-                raise StreamClosedError("the engine is closed.")
-            if not self._pool.free:
-                raise CapacityError(f"all {self.max_streams} stream slots of this engine are in use; "
-                                    "refuse the call or raise max_streams.")
-            slot = self._pool.take()
-            self._next_id += 1
-            stream = Stream(self, stream_id=self._next_id, slot=slot, language=language,
-                            prompt_index=prompt_index, loop=loop)
-            self._streams[stream.id] = stream
+        own = reservation is None
+        if own:
+            reservation = self.reserve()
+        try:
+            with self._lock:
+                if not self._running:
+                    raise StreamClosedError(f"the engine is not serving ({self.health}).")
+                self._next_id += 1
+                stream = Stream(self, stream_id=self._next_id, language=language, prompt_index=prompt_index,
+                                loop=loop, reservation=reservation, owns_reservation=own,
+                                detokenizer=Detokenizer(self._pieces))
+                reservation.bind(stream)
+                self._streams[stream.id] = stream
+        except BaseException:
+            if own:
+                reservation.release()
+            raise
         return stream
 
     def _prompt_index_for(self, language: str) -> int | None:
@@ -262,19 +338,30 @@ class Engine:
         return self.languages[language]
 
     def _close_stream(self, stream: Stream) -> None:
-        with self._lock:
-            if self._streams.pop(stream.id, None) is not None:
-                self._pool.give_back(stream.slot)
-            stream.closed = True
-        stream._results.end()
+        self._end_stream(stream, None)
 
     def _fail_stream(self, stream: Stream, error: BaseException) -> None:
+        self._end_stream(stream, error)
+
+    def _end_stream(self, stream: Stream, error: BaseException | None) -> None:
+        """Close or fail a stream from any thread. Its slot is freed by the engine thread between steps."""
         with self._lock:
-            stream.failed = error
-            if self._streams.pop(stream.id, None) is not None:
-                self._pool.give_back(stream.slot)
-        stream._results.put(error)
+            if self._streams.pop(stream.id, None) is not None and stream.slot is not None:
+                self._slots_to_free.append(stream.slot)
+                self._wakeup.notify()
+            if stream.closed:
+                return  # ended before
+            stream.closed = True
+            if error is not None and stream.failed is None:
+                stream.failed = error
+            error = stream.failed  # also one recorded while the engine thread held the lock
+        if error is not None:
+            stream._results.put(error)
         stream._results.end()
+        if stream.owns_reservation:
+            stream.reservation.release()
+        else:
+            stream.reservation.unbind(stream)
 
     def _wake(self) -> None:
         with self._lock:
@@ -291,15 +378,47 @@ class Engine:
             self._ready.set()
             return
         self._ready.set()
+        reason = "closed"
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug: never leave streams waiting on a dead thread
+            logger.exception("the engine thread stopped")
+            reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._stop_serving(reason)
+
+    def _stop_serving(self, reason: str) -> None:
+        with self._lock:
+            self._running = False
+            if self._stopped is None:
+                self._stopped = reason
+            streams = list(self._streams.values())
+        if reason != "closed":
+            error = EngineStepError(f"the engine stopped ({reason}); open a new stream to continue.")
+            for stream in streams:
+                self._fail_stream(stream, error)
+            self._unregister()
+
+    def _serve(self) -> None:
         while True:
             with self._lock:
-                jobs = [] if self._pause_depth else self._collect_jobs()
-                while not jobs and self._running:
+                jobs = self._next_jobs()
+                while not jobs and self._running and not self._failed_while_collecting:
                     self._wakeup.wait()
-                    jobs = [] if self._pause_depth else self._collect_jobs()
+                    jobs = self._next_jobs()
+                failed, self._failed_while_collecting = self._failed_while_collecting, []
                 if not self._running:
                     return
-            self._execute(jobs)
+            for stream, error in failed:
+                self._fail_stream(stream, error)
+            try:
+                self._execute(jobs)
+            except Exception as exc:  # outside the per-stream guards: these streams fail, the engine goes on
+                logger.exception("engine tick failed for %d streams", len(jobs))
+                error = EngineStepError(f"engine failure: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+                for job in jobs:
+                    self._fail_stream(job.stream, error)
 
     def _load(self) -> None:
         self.device = resolve_device(self.device_request)
@@ -312,10 +431,22 @@ class Engine:
             self.reset_context_per_utterance = nemo_compat.model_option(self.model, "reset_context_per_utterance",
                                                                         False)
         self._mel = MelExtractor(self.model.preprocessor, self.device)
-        self._pool = _SlotPool(self.model, self.spec, self.max_streams, self.device)
-        self._text_of = self.model.tokenizer.ids_to_text
+        self._pool = SlotPool(self.model, self.spec, self.max_streams, self.device)
+        self._pieces = PieceTable(self.model.tokenizer)
+        if not self._pieces.incremental:
+            logger.info("tokenizer pieces do not join into its text: each step decodes the whole hypothesis")
         logger.info("engine ready: %s, %d ms chunks (att_context_size %s), %s, %d slots", self.model_name,
                     self.chunk_ms, list(self.spec.att_context_size), self.device, self.max_streams)
+
+    def _next_jobs(self) -> list[_Job]:
+        """Free the slots of streams ended since the last step, then collect ready streams (lock held).
+
+        Freed here, between steps, a slot can never be scattered into by a step that gathered it
+        for a stream that has since closed."""
+        for slot in self._slots_to_free:
+            self._pool.give_back(slot)
+        self._slots_to_free.clear()
+        return [] if self._pause_depth else self._collect_jobs()
 
     def _collect_jobs(self) -> list[_Job]:
         """Ready streams, least recently stepped first, up to max_batch (lock held)."""
@@ -324,55 +455,93 @@ class Engine:
         for stream in candidates:
             if len(jobs) >= self.max_batch:
                 break
-            if stream._finalize_due():
-                jobs.append(_Job(stream, step=False))
-            elif stream._step_ready():
-                frames = stream._next_chunk_frames()
-                start = stream.frames_stepped
-                first, end, offset = window_for(start, start + frames)
-                jobs.append(_Job(stream, step=True, first=stream.steps == 0, window=stream._take_window(first, end),
-                                 offset=offset, frames=frames, prompt_index=stream._prompt_index or 0))
+            try:
+                job = self._job_for(stream)
+            except Exception as exc:
+                logger.exception("stream %d could not be prepared for a step", stream.id)
+                self._fail_locked(stream, EngineStepError(f"preparing a step failed: {type(exc).__name__}: {exc}"))
+                continue
+            if job is not None:
+                jobs.append(job)
         return jobs
+
+    def _job_for(self, stream: Stream) -> _Job | None:
+        if stream._finalize_due():
+            return _Job(stream, step=False)
+        if not stream._step_ready():
+            return None
+        if stream.slot is None:
+            stream.slot = self._pool.take()
+        frames = stream._next_chunk_frames()
+        start = stream.frames_stepped
+        first, end, offset = window_for(start, start + frames)
+        return _Job(stream, step=True, first=stream.steps == 0, window=stream._take_window(first, end),
+                    offset=offset, frames=frames, prompt_index=stream._prompt_index or 0)
+
+    def _fail_locked(self, stream: Stream, error: BaseException) -> None:
+        """Take a stream out while the lock is held; `_serve` fails it once the lock is released."""
+        if self._streams.pop(stream.id, None) is not None and stream.slot is not None:
+            self._slots_to_free.append(stream.slot)
+        stream.failed = error
+        self._failed_while_collecting.append((stream, error))
 
     def _execute(self, jobs: list[_Job]) -> None:
         steppers = [job for job in jobs if job.step]
+        failed: set[int] = set()
         if steppers:
             started = time.perf_counter()
             try:
                 self._step(steppers)
             except Exception as exc:  # isolate: only these streams fail, the engine goes on
                 logger.exception("model step failed for %d streams", len(steppers))
+                self.stats.failed_steps += 1
                 error = EngineStepError(f"model step failed: {type(exc).__name__}: {exc}")
                 error.__cause__ = exc
                 for job in steppers:
                     self._fail_stream(job.stream, error)
-                return
-            self._account(len(steppers), time.perf_counter() - started)
-        deliveries = []
+                    failed.add(job.stream.id)
+            else:
+                self.stats.record_step(len(steppers), time.perf_counter() - started)
         now = time.monotonic()
-        with self._lock:
-            for job in jobs:
-                stream = job.stream
-                if stream.closed or stream.failed is not None:
-                    continue
-                if job.step:
-                    stream.frames_stepped += job.frames
-                    stream.steps += 1
-                    stream._trim(max(0, (stream.frames_stepped - LEAD_FRAMES) * HOP))
-                    stream._measure_age(now)
-                stream.last_step_at = now
-                tokens = list(stream.hypothesis.y_sequence) if stream.hypothesis is not None else []
-                tokens = [int(t) for t in tokens]
-                results = stream._after_step(tokens, self._text_of)
-                if self.reset_context_per_utterance and any(isinstance(r, Final) for r in results):
-                    self._pool.reset(stream.slot)
-                    stream.steps = 0  # the next utterance starts like a new stream
-                    stream.step_origin = stream.frames_stepped
-                deliveries.append((stream, results))
-        for stream, results in deliveries:
+        for job in jobs:
+            if job.stream.id in failed or job.stream.closed:
+                continue
+            try:
+                results = self._after_step(job, now)
+            except Exception as exc:  # one stream's post-step work: that stream fails, the others go on
+                logger.exception("post-step work failed for stream %d", job.stream.id)
+                error = EngineStepError(f"post-step work failed: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+                self._fail_stream(job.stream, error)
+                continue
             for result in results:
-                stream._results.put(result)
-        self._check_lag(jobs)
+                job.stream._results.put(result)
+        try:
+            self._check_lag(jobs)
+        except Exception:  # lag reporting must never stop the engine
+            logger.exception("lag check failed")
+
+    def _after_step(self, job: _Job, now: float) -> list:
+        """Detokenise the step's new tokens (outside the lock), then update the stream's state under it."""
+        stream = job.stream
+        tokens = [int(t) for t in stream.hypothesis.y_sequence] if stream.hypothesis is not None else []
+        raw = stream.detokenizer.update(tokens)
+        with self._lock:
+            if stream.closed:
+                return []
+            if job.step:
+                stream.frames_stepped += job.frames
+                stream.steps += 1
+                stream._trim(max(0, (stream.frames_stepped - LEAD_FRAMES) * HOP))
+                stream._measure_age(now)
+            stream.last_step_at = now
+            results = stream._after_step(tokens, raw)
+            if self.reset_context_per_utterance and stream.slot is not None and any(
+                    isinstance(r, Final) for r in results):
+                self._pool.reset(stream.slot)
+                stream.steps = 0  # the next utterance starts like a new stream
+                stream.step_origin = stream.frames_stepped
+        return results
 
     @torch.inference_mode()
     def _step(self, jobs: list[_Job]) -> None:
@@ -418,17 +587,6 @@ class Engine:
         if len({piece[0].shape[1] for piece in pieces}) != 1:
             raise RuntimeError(f"first and later steps subsample to different lengths: {[p[0].shape for p in pieces]}")
         return (torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]), torch.cat(new_mel_cache))
-
-    def _account(self, batch: int, seconds: float) -> None:
-        stats = self.stats
-        stats.steps += 1
-        stats.streams_stepped += batch
-        stats.audio_seconds += batch * self.chunk_ms / 1000
-        stats.busy_seconds += seconds
-        stats.last_step_ms = seconds * 1000
-        stats.last_batch = batch
-        if len(stats.batch_sizes) < 10000:
-            stats.batch_sizes.append(batch)
 
     def _check_lag(self, jobs: list[_Job]) -> None:
         lag = max((job.stream.audio_age_s for job in jobs if job.step), default=0.0)

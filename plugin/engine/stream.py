@@ -55,11 +55,14 @@ class Stream:
     when the call ends. Obtain one with `Engine.open_stream()`.
     """
 
-    def __init__(self, engine, *, stream_id: int, slot: int, language: str, prompt_index: int | None,
-                 loop: asyncio.AbstractEventLoop | None):
+    def __init__(self, engine, *, stream_id: int, language: str, prompt_index: int | None,
+                 loop: asyncio.AbstractEventLoop | None, reservation, owns_reservation: bool, detokenizer):
         self._engine = engine
         self.id = stream_id
-        self.slot = slot
+        self.slot: int | None = None  # a cache slot, taken by the engine thread at the first step
+        self.reservation = reservation
+        self.owns_reservation = owns_reservation  # released when this stream closes
+        self.detokenizer = detokenizer  # engine thread only
         self.language = language
         self._prompt_index = prompt_index
         self._pending_language: tuple[str, int | None] | None = None
@@ -140,13 +143,26 @@ class Stream:
                 self._pending_language = (language, index)
 
     def close(self) -> None:
-        """Release the slot; results already produced can still be read."""
+        """End the stream (its slot is freed between steps); results already produced can still be read."""
         self._engine._close_stream(self)
 
     @property
     def lag_s(self) -> float:
         """Seconds of audio fed but not yet stepped through the model."""
         return max(0.0, (self.total_samples - self.frames_stepped * HOP) / SAMPLE_RATE)
+
+    def seconds_to_drain(self) -> float:
+        """Estimated wall seconds until every audio sample fed so far has been stepped.
+
+        The stream's backlog in chunks times the engine's recent step time, times the rounds needed
+        when more streams are open than fit in one batch. 0 when nothing waits."""
+        engine = self._engine
+        chunks = -(-self.lag_s * 1000 // engine.chunk_ms)
+        if not chunks:
+            return 0.0
+        step_s = max(engine.stats.recent_realtime_factor, 0.05) * engine.chunk_ms / 1000
+        rounds = max(1, -(-engine.open_streams // engine.max_batch))
+        return chunks * step_s * rounds
 
     def __aiter__(self):
         return self
@@ -207,10 +223,10 @@ class Stream:
                 position -= min(length, timeline - start)
         return max(0, min(position, self.fed_samples))
 
-    def _after_step(self, token_ids: list[int], text_of) -> list:
-        """Update text after a model step; return the results to deliver."""
+    def _after_step(self, token_ids: list[int], raw: str) -> list:
+        """Update text after a model step (`raw`: the detokenised hypothesis); return the results to deliver."""
         results = []
-        text, language = self._text_and_language(token_ids, text_of)
+        text, language = self._text_and_language(raw)
         start = self._utterance_start_fed / SAMPLE_RATE
         if self._finalize_due():
             request = self._finalize_queue.popleft()
@@ -238,8 +254,8 @@ class Stream:
             self._finalize_queue.append(_FinalizeRequest(self.frames_stepped, stepped, time.monotonic()))
             self._finalized_fed = stepped
 
-    def _text_and_language(self, token_ids: list[int], text_of) -> tuple[str, str | None]:
-        raw = text_of(token_ids) if token_ids else ""
+    def _text_and_language(self, raw: str) -> tuple[str, str | None]:
+        """Text and language of the utterance so far: the language is its LAST `<xx-YY>` tag."""
         clean, tags = split_language_tags(raw)
         if tags:
             self._last_detected = tags[-1]
@@ -252,6 +268,7 @@ class Stream:
 
     def _start_next_utterance(self, fed_samples: int) -> None:
         self.hypothesis = None
+        self.detokenizer.reset()
         self._last_text = None
         self._utterance_start_fed = fed_samples
         horizon = self.frames_stepped * HOP
