@@ -1,0 +1,2142 @@
+"""A grammar-aware SIP fuzzer for ``pipecat-nemotron serve-sip`` (issue 11, item 5).
+
+    .venv/bin/python -m tools.sip_fuzz --inputs 200000 --seed 1                 # spawn serve-sip --model demo
+    .venv/bin/python -m tools.sip_fuzz --inputs 5000 --seed 1 --in-process      # SIPUserAgentServer in this process
+    .venv/bin/python -m tools.sip_fuzz --inputs 20000 --target 127.0.0.1:5060   # a server someone else started
+
+Every input starts as a well-formed request built from a small grammar (INVITE with an SDP offer, OPTIONS, BYE,
+CANCEL, ACK, REGISTER, INFO, UPDATE, and in-dialog requests — re-INVITE, BYE, ACK, CANCEL — for dialogs the fuzzer
+learnt from the server's own 100/200 responses), then 0-3 mutators are stacked on it: structural ones on the parsed
+form (missing/duplicated mandatory headers, 64 KB headers, Unicode digits, absurd numbers, wrong Content-Length,
+NUL bytes, header-specific junk, start-line junk, SDP junk, compact forms/folding/line endings) and byte-level ones
+on the wire form (bit flips, truncation at every structural boundary, garbage, splicing). It goes out over UDP
+(a pool of source ports) or TCP (persistent, fresh, chunked, pipelined, half-sent and CRLF-flooded connections).
+Everything is drawn from one ``random.Random(seed)``: the same seed gives the same inputs.
+
+The oracle, after the run (and settling until the server's short timers have passed):
+  * the server is alive and answers a plain OPTIONS;
+  * zero tracebacks in its log (loguru ``logger.exception``, asyncio "Task exception was never retrieved",
+    "Exception in callback", anything with "Traceback");
+  * RSS and the open-fd count back within bounds of the values sampled after warm-up;
+  * active calls (and remembered calls, TCP streams) back to 0;
+  * every request whose Via/CSeq/From/To are readable got a response (UDP), every INVITE that got 100 got a final;
+  * a normal call (a scripted UAC: INVITE/ACK, G.711 RTP of a held-out WAV in real time, BYE) is answered and
+    transcribed.
+
+The fuzzer and the server run in a private network namespace with only loopback up when the kernel allows it
+(``unshare(CLONE_NEWNET)``, as tests/test_sip_peers.py does), so neither RTP reflected to a fuzzed ``c=`` address
+nor a DNS lookup for a fuzzed host name can leave the machine. Where namespaces are not permitted, ``c=``/Route/
+Record-Route lines are forced to loopback literals after mutation (less coverage, same safety).
+
+Findings (one per crash class: traceback signature, no response, stuck INVITE, stall, unparsable response) are
+appended to ``--findings`` (default /tmp/sip_fuzz_findings.md) with a reproducing input as a Python bytes literal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import dataclasses
+import fcntl
+import json
+import os
+import random
+import re
+import socket
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parents[1]
+HELDOUT = REPO / "tests" / "data" / "demo_heldout"
+DEFAULT_WAV = HELDOUT / "en-US_00001.wav"
+MAX_UDP = 65_507
+MANDATORY = ("Via", "From", "To", "Call-ID", "CSeq", "Max-Forwards", "Content-Length")
+COMPACT = {"Via": "v", "From": "f", "To": "t", "Call-ID": "i", "Contact": "m", "Content-Length": "l",
+           "Content-Type": "c", "Supported": "k", "Session-Expires": "x"}
+
+# Short timers for the server under test: un-ACKed calls end after 64·T1 = 1.3 s, silent ones after 1.5 s, calls
+# on hold (no RTP expected) after 8 s (longer than the normal call at the end).
+SHORT_TIMERS = dict(t1=0.02, t2=0.08, rtp_timeout_secs=1.5, max_call_secs=8.0, ring_secs=0.0)
+SHORT_CACHE_SECS = 2.0  # the server's response/call memory (32 s in production), patched where it exists
+# The per-source limits are raised for the run: from one address at hundreds of inputs/s the rate limiter would
+# drop most of them (that is its job; here every input should reach the parser). Fields a tree lacks are skipped.
+FUZZ_LIMITS = dict(udp_rate_per_source=1e6, udp_burst_per_source=1e6, tcp_max_per_source=512,
+                   tcp_max_connections=1024, tcp_idle_secs=5.0, tcp_message_secs=3.0)
+
+
+# --- the loopback-only network namespace -----------------------------------------------------------------------
+
+CLONE_NEWNET = 0x40000000
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def enter_loopback_namespace():
+    """Move the calling thread into a new network namespace with only ``lo`` up.
+
+    Returns a ``leave()`` callable (back to the original namespace), or None where namespaces are not permitted.
+    Threads and processes started from this thread afterwards share the namespace.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    except OSError:
+        return None
+    if libc.unshare(CLONE_NEWNET) != 0:
+        os.close(original)
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        flags = struct.unpack("16sH", fcntl.ioctl(s, _SIOCGIFFLAGS, struct.pack("16sH", b"lo", 0))[:18])[1]
+        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | _IFF_UP))
+
+    def leave():
+        libc.setns(original, CLONE_NEWNET)
+        os.close(original)
+
+    return leave
+
+
+_ADDRESS_LINE = re.compile(rb"(?im)^[ \t]*(c[ \t]*=|(record-)?route[ \t]*:)[^\n]*(\n[ \t][^\n]*)*")
+_SAFE_ADDRESS_LINE = re.compile(
+    rb"(?i)^(c=IN IP4 127\.0\.0\.1|c=IN IP6 ::1|(record-)?route: *<sip:127\.0\.0\.1(:\d{1,5})?;lr>)\r?$")
+
+
+def loopback_only(data: bytes) -> bytes:
+    """Without a private namespace: every ``c=``/Route/Record-Route line that is not a loopback literal becomes one."""
+    def fix(match: re.Match) -> bytes:
+        line = match.group(0)
+        if _SAFE_ADDRESS_LINE.match(line):
+            return line
+        end = b"\r" if line.endswith(b"\r") else b""
+        return (b"c=IN IP4 127.0.0.1" if line.lstrip()[:1] in b"cC" else b"X-Route-Removed: 1") + end
+    return _ADDRESS_LINE.sub(fix, data)
+
+
+# --- the grammar ------------------------------------------------------------------------------------------------
+
+UNICODE_DIGITS = {
+    "superscript": "⁰¹²³⁴⁵⁶⁷⁸⁹", "arabic-indic": "٠١٢٣٤٥٦٧٨٩", "extended-arabic": "۰۱۲۳۴۵۶۷۸۹",
+    "fullwidth": "０１２３４５６７８９", "devanagari": "०१२३४५६७८९", "subscript": "₀₁₂₃₄₅₆₇₈₉",
+    "circled": "⓪①②③④⑤⑥⑦⑧⑨", "mathematical": "𝟎𝟏𝟐𝟑𝟒𝟓𝟔𝟕𝟖𝟗",
+}
+
+
+def absurd_number(rng: random.Random) -> str:
+    return rng.choice([
+        "9" * rng.choice([20, 309, 1000, 4301, 5000, 20000]), "1" + "0" * rng.choice([19, 100, 4300]),
+        "-1", "-0", "-" + "9" * 40, str(2**64), str(2**64 - 1), str(2**63), str(2**32), str(2**31), str(2**31 - 1),
+        "0", "0" * 500 + "1", "65536", "70000", "99999", "1e9", "0x1F", "+1", " 1", "1 ", "1.5", "NaN", "inf",
+        "1_000", "١٢", "²", "", "-", "00", str(rng.randrange(-2**70, 2**70)),
+    ])
+
+
+@dataclass
+class Dialog:
+    """A dialog learnt from the server's responses (for in-dialog requests)."""
+
+    call_id: str
+    from_header: str
+    to_header: str  # with the server's tag once answered
+    invite_branch: str
+    cseq: int
+    transport: str
+    answered: bool = False
+    born: float = 0.0
+
+
+@dataclass
+class Template:
+    """One request before it is put on the wire; headers keep their order."""
+
+    method: str
+    uri: str
+    headers: list[list]  # [name, value]; Content-Length value None: computed
+    sdp: list[str] | None = None
+    raw_body: bytes | None = None
+    version: str = "SIP/2.0"
+    eol: str = "\r\n"
+    start: str | None = None  # a whole replacement start line
+
+    def body(self) -> bytes:
+        if self.raw_body is not None:
+            return self.raw_body
+        if self.sdp is None:
+            return b""
+        return ("\r\n".join(self.sdp) + "\r\n").encode("utf-8", errors="surrogatepass")
+
+    def serialize(self) -> tuple[bytes, list[int]]:
+        """Wire bytes and the offsets of every structural boundary (lines, blank line, body, SDP lines)."""
+        body = self.body()
+        eol = self.eol.encode()
+        out, bounds = bytearray(), [0]
+        start = self.start if self.start is not None else f"{self.method} {self.uri} {self.version}"
+        out += start.encode("utf-8", errors="surrogatepass") + eol
+        bounds.append(len(out))
+        for name, value in self.headers:
+            if value is None:
+                value = str(len(body))
+            out += f"{name}: {value}".encode("utf-8", errors="surrogatepass") if name is not None else \
+                str(value).encode("utf-8", errors="surrogatepass")
+            out += eol
+            bounds.append(len(out))
+        out += eol
+        bounds.append(len(out))
+        head = len(out)
+        out += body
+        for i in range(len(body)):
+            if body[i:i + 1] == b"\n":
+                bounds.append(head + i + 1)
+        bounds.append(len(out))
+        return bytes(out), sorted(set(bounds))
+
+    def find(self, name: str) -> list[int]:
+        lower = name.lower()
+        compact = COMPACT.get(name, "").lower()
+        return [i for i, (n, _) in enumerate(self.headers) if n is not None and n.lower() in (lower, compact)]
+
+
+class Grammar:
+    """Builds well-formed requests for the server at ``port`` from the fuzzer's point of view."""
+
+    def __init__(self, rng: random.Random, server: tuple[str, int], sink_port: int):
+        self.rng = rng
+        self.server = server
+        self.sink_port = sink_port
+        self.counter = 0
+
+    def token(self, prefix: str = "") -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter:x}{self.rng.getrandbits(32):08x}"
+
+    def sdp(self, direction: str | None = None) -> list[str]:
+        rng = self.rng
+        sid = rng.randrange(1, 2**31)
+        codecs = rng.choice([["0", "8", "101"], ["8", "0", "101"], ["0"], ["8"], ["0", "8"], ["18", "0", "101"]])
+        lines = ["v=0", f"o=fuzz {sid} {sid} IN IP4 {HOST}", "s=-", f"c=IN IP4 {HOST}", "t=0 0"]
+        if rng.random() < 0.1:
+            lines.append(f"m=video {self.sink_port + 2} RTP/AVP 96")
+            lines.append("a=rtpmap:96 H264/90000")
+        lines.append(f"m=audio {self.sink_port} RTP/AVP {' '.join(codecs)}")
+        if "0" in codecs:
+            lines.append("a=rtpmap:0 PCMU/8000")
+        if "8" in codecs:
+            lines.append("a=rtpmap:8 PCMA/8000")
+        if "101" in codecs:
+            lines += ["a=rtpmap:101 telephone-event/8000", "a=fmtp:101 0-16"]
+        lines.append("a=ptime:20")
+        lines.append(f"a={direction or rng.choice(['sendrecv', 'sendrecv', 'sendrecv', 'sendonly', 'recvonly', 'inactive'])}")
+        return lines
+
+    def request(self, method: str, *, local_port: int, transport: str, dialog: Dialog | None = None,
+                cseq: int | None = None, branch: str | None = None, body: list[str] | None = None) -> Template:
+        rng = self.rng
+        host, port = self.server
+        branch = branch or self.token("z9hG4bK")
+        rport = ";rport" if rng.random() < 0.9 else ""
+        if dialog is not None:
+            from_h, to_h, call_id = dialog.from_header, dialog.to_header, dialog.call_id
+        else:
+            from_h = f'"Fuzz" <sip:fuzz@{HOST}>;tag={self.token()}'
+            to_h = f"<sip:bot@{host}:{port}>"
+            if method in ("BYE", "ACK", "INFO", "UPDATE") or (method == "INVITE" and rng.random() < 0.03):
+                to_h += f";tag={self.token()}"  # an unknown dialog
+            call_id = self.token() + "@fuzz"
+        number = cseq if cseq is not None else rng.randrange(1, 1000)
+        headers = [
+            ["Via", f"SIP/2.0/{transport} {HOST}:{local_port};branch={branch}{rport}"],
+            ["Max-Forwards", "70"],
+            ["From", from_h],
+            ["To", to_h],
+            ["Call-ID", call_id],
+            ["CSeq", f"{number} {method}"],
+            ["Contact", f"<sip:fuzz@{HOST}:{local_port}>"],
+        ]
+        if method == "INVITE" and rng.random() < 0.2:
+            headers.append(["Record-Route", f"<sip:{HOST}:{local_port};lr>"])
+        if method == "INVITE" and rng.random() < 0.2:
+            headers.append(["P-Asserted-Identity", '"Fuzz" <sip:+15551234@127.0.0.1>'])
+        if rng.random() < 0.1:
+            headers.append(["Supported", rng.choice(["timer", "100rel", "replaces, timer"])])
+        if method == "REGISTER":
+            headers.append(["Expires", str(rng.choice([0, 60, 3600]))])
+        headers.append(["User-Agent", "sip-fuzz"])
+        sdp = body
+        raw = None
+        if sdp is None and method in ("INVITE", "UPDATE") and rng.random() < 0.9:
+            sdp = self.sdp()
+        if method == "INFO":
+            raw = f"Signal={rng.choice('0123456789*#')}\r\nDuration=160\r\n".encode()
+            headers.append(["Content-Type", "application/dtmf-relay"])
+        elif sdp is not None:
+            headers.append(["Content-Type", "application/sdp"])
+        headers.append(["Content-Length", None])
+        uri = f"sip:bot@{host}:{port}"
+        if method == "REGISTER":
+            uri = f"sip:{host}:{port}"
+        return Template(method=method, uri=uri, headers=headers, sdp=sdp, raw_body=raw)
+
+
+# --- mutators -----------------------------------------------------------------------------------------------------
+
+NUMERIC_HEADERS = ("CSeq", "Content-Length", "Max-Forwards", "Via", "Expires", "Contact", "Record-Route",
+                   "Session-Expires")
+NUMERIC_SDP = ("m=", "a=rtpmap", "a=ptime", "o=", "c=", "a=fmtp", "b=", "t=")
+
+HEADER_JUNK = {
+    "Via": ["SIP/2.0/UDP", "SIP/2.0/UDP {h}:99999;branch={b}", "SIP/2.0/UDP [::1;branch={b}",
+            "SIP/2.0/UDP :5060;branch=", "SIP/2.0/FOO {h};branch={b}", "SIP/3.0/UDP {h};branch={b}",
+            "SIP/2.0/UDP {h}:²;rport;branch={b}", "SIP/2.0/UDP {h}:-1;branch={b}", "SIP/2.0/UDP {h};rport=99999999999",
+            "SIP/2.0/UDP {h};branch=a;branch=b", ",,,", "SIP/2.0/UDP {h};received=junk;rport;branch={b}",
+            "SIP/2.0/UDP []:5060;branch={b}", "SIP/2.0/UDP [::1]:5060;branch={b}", "SIP/2.0/UDP {h}:0;branch={b}",
+            "SIP/2.0/UDP {h};branch={b};rport=", "SIP/2.0/UDP {h}:5060;branch={b}, SIP/2.0/UDP [", "SIP/2.0",
+            "SIP/2.0/UDP {h}:٥٠٦٠;branch={b}", "SIP/2.0/TCP {h};branch={b};maddr=fuzz.invalid", " ", "SIP//UDP x"],
+    "From": ["", "<", ">", "<sip:a@b", "sip:a@b>", '"unterminated <sip:a@b>;tag=1', "<>;tag=", ";tag=x",
+             "<sip:a@b>;tag=;tag=x", "<sip:a@b>;tag", "<tel:+1555>;tag=1", "*", '"" <sip:>;tag=1', "<sip:[::1>;tag=2",
+             "a", ">junk<;tag=3", '"\\"" <sip:a@b>;tag=4'],
+    "To": ["", "<", ">", "<sip:bot@b", "sip:bot@b>", "<sip:bot@b>;tag=", "<sip:bot@b>;tag;tag=x", "*",
+           "<sip:bot@[::1>", ">x<", "<sip:bot@b>;tag=\t"],
+    "Call-ID": ["", " ", "@", "x y z", "\t", "a" * 300, ",", "<>"],
+    "CSeq": ["", "1", "INVITE", "1 INVITE 2", "-1 INVITE", "1 invite", "1 BYE", "4294967296 INVITE",
+             "² INVITE", "1\tINVITE", "1  INVITE", "0 INVITE", "99999999999999999999999 INVITE", "١ INVITE",
+             "2147483648 INVITE", "1 ÍNVITE", "01 INVITE", "1 INVITE\t"],
+    "Max-Forwards": ["0", "-1", "abc", "999999999999", "", "٣", "²", "1.5"],
+    "Contact": ["*", "", "<", "<sip:x@[::1>", "sip:a@b;expires=abc", "<sip:a@b>;expires=²",
+                '"a" <sip:a@127.0.0.1:99999>', "<tel:1>", ",", "<sip:a@127.0.0.1:0>"],
+    "Record-Route": ["<sip:127.0.0.1:99999;lr>", "<sip:127.0.0.1:²;lr>", "<>", "<sip:;lr>", "garbage",
+                     "<sip:fuzz.invalid;lr>", "<sip:[::1]:5060;lr>", "<sip:127.0.0.1:-1;lr>",
+                     "<sip:127.0.0.1:0;lr>", "<sip:127.0.0.1;lr>, <", "<sip:[::1;lr>"],
+    "P-Asserted-Identity": ["", "<", '"x"', ",", "<sip:a@b>,", "tel:+1", "<sip:a@b", "junk", ", ,", '"a" <>'],
+    "Require": ["100rel", "timer", "", ",", "a" * 1000, "foo, bar", "\t"],
+    "Content-Type": ["", "text/plain", "application/sdp;charset=x", "multipart/mixed;boundary=x", "application/"],
+    "Expires": ["-1", "99999999999999999", "²", ""],
+    "Session-Expires": ["0", "-1", "90;refresher=uac", "²", "99999999999999999999"],
+    "Route": ["<sip:127.0.0.1;lr>", "<>", "garbage", "<sip:[::1]:5060;lr>"],
+}
+METHOD_JUNK = ["invite", "", "I" * 1000, "FOO", "PRACK", "SUBSCRIBE", "NOTIFY", "MESSAGE", "REFER", "PUBLISH",
+               "INFO", "UPDATE", "ÍNVITE", "INVITE ", "INV ITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER"]
+URI_JUNK = ["", "sip:", "bot@127.0.0.1", "sip:bot@[::1", "sip:bot@127.0.0.1:99999", "sips:bot@127.0.0.1",
+            "tel:+15551234", "sip:" + "a" * 5000 + "@x", "sip:bot@127.0.0.1;transport=tcp", "<sip:bot@x>", "*",
+            "sip:bot@127.0.0.1:²", "sip:bot@:5060", "sip:@", ":"]
+VERSION_JUNK = ["SIP/2.1", "SIP/3.0", "sip/2.0", "SIP/2.0 ", "SIP/2", "", "HTTP/1.1", "SIP/2.0\x00"]
+START_JUNK = ["SIP/2.0 200 OK", "SIP/2.0 999 X", "SIP/2.0 2000 OK", "SIP/2.0 ²00 OK", "SIP/2.0 100 Trying",
+              "SIP/2.0 487 Request Terminated", "SIP/2.0 200", "SIP/2.0  200 OK", "GET / HTTP/1.1", "", " ", "\t"]
+C_JUNK = ["IN IP4 localhost", "IN IP4 fuzz.invalid", "IN IP4 " + "a" * 300 + ".invalid", "IN IP4 127.0.0.1\x00evil",
+          "IN IP4 \x00", "", "IN IP4 ::1", "IN IP6 ::1", "IN IP6 ::::::", "IN IP6 [::1]", "IN IP6 fe80::1%lo",
+          "IN IP6 ::ffff:127.0.0.1", "IN IP4 127.0.0.1/127", "IN IP4 127.0.0.1/2/3", "IN IP4 256.1.1.1",
+          "IN IP4 127.1", "IN IP4 0.0.0.0", "IN IP4 1.2.3", "IN IP4 127.0.0.1 extra", "IN IP4", "IP4 127.0.0.1",
+          "IN IP4 ١٢٧.٠.٠.١", "IN IP6 127.0.0.1", "IN IP4 127.0.0.1\t", "IN IP6 ::", "IN IP4 -1.0.0.0",
+          "IN IP4 127.0.0.1:5060", "IN IP4 [127.0.0.1]", "IN IP4 0", "IN IP4 2130706433", "IN IP6 1:2:3:4:5:6:7:8:9"]
+C_HOSTNAMES = {0, 1, 2}  # the entries above that are host names (need the namespace)
+PORT_JUNK = ["70000", "65536", "99999999999999999999", "-1", "0", "1/2", "5004/0", "²", "٤٠٠٠", "4000/-1",
+             "65535", "1", "00004000", "+4000", "4000/99999999999999999999", " "]
+
+
+class Mutator:
+    """Named mutations over a Template (structural) or the wire bytes (byte-level)."""
+
+    def __init__(self, rng: random.Random, namespace: bool):
+        self.rng = rng
+        self.namespace = namespace
+        self.sink_port = 4000  # set to the fuzzer's RTP sink once it is bound
+        self.structural = [
+            ("drop-mandatory", 6, self.drop_mandatory), ("dup-mandatory", 6, self.dup_mandatory),
+            ("huge-header", 2, self.huge_header), ("unicode-digits", 6, self.unicode_digits),
+            ("absurd-number", 8, self.absurd), ("content-length", 6, self.content_length),
+            ("nul", 4, self.nul), ("header-junk", 10, self.header_junk), ("start-line", 5, self.start_line),
+            ("sdp", 14, self.sdp), ("format", 6, self.format),
+        ]
+        self.byte_level = [
+            ("bitflip", 8, self.bitflip), ("truncate", 8, self.truncate), ("garbage", 3, self.garbage),
+            ("nul-byte", 2, self.nul_byte), ("splice", 2, self.splice),
+        ]
+
+    def _pick(self, table):
+        total = sum(w for _, w, _ in table)
+        x = self.rng.random() * total
+        for name, weight, fn in table:
+            x -= weight
+            if x < 0:
+                return name, fn
+        return table[-1][0], table[-1][2]
+
+    def mutate(self, t: Template, extra: bytes | None = None) -> tuple[bytes, list[str]]:
+        rng = self.rng
+        n = rng.choices([0, 1, 2, 3], weights=[5, 55, 25, 15])[0]
+        names: list[str] = []
+        byte_ops = []
+        for _ in range(n):
+            if rng.random() < 0.7:
+                name, fn = self._pick(self.structural)
+                names.append(f"{name}:{fn(t)}")
+            else:
+                byte_ops.append(self._pick(self.byte_level))
+        data, bounds = t.serialize()
+        for name, fn in byte_ops:
+            data, what = fn(data, bounds, extra)
+            names.append(f"{name}:{what}")
+        if not self.namespace:
+            data = loopback_only(data)
+        return data, names
+
+    # -- structural ------------------------------------------------------------------------------
+
+    def drop_mandatory(self, t: Template) -> str:
+        name = self.rng.choice(MANDATORY)
+        t.headers = [h for i, h in enumerate(t.headers) if i not in set(t.find(name))]
+        return name
+
+    def dup_mandatory(self, t: Template) -> str:
+        rng = self.rng
+        name = rng.choice(MANDATORY)
+        found = t.find(name)
+        value = t.headers[found[0]][1] if found else "x"
+        if rng.random() < 0.5:  # a different value
+            value = {"CSeq": f"{rng.randrange(1, 9999)} {t.method}", "Content-Length": str(rng.randrange(0, 500)),
+                     "Call-ID": "dup" + str(rng.getrandbits(24)), "Max-Forwards": "69",
+                     "Via": f"SIP/2.0/UDP {HOST}:5999;branch=z9hG4bKdup{rng.getrandbits(24)}",
+                     "From": f"<sip:other@{HOST}>;tag=dup", "To": "<sip:other@127.0.0.1>;tag=dup"}[name]
+        t.headers.insert(rng.randrange(len(t.headers) + 1), [name, value])
+        return name
+
+    def huge_header(self, t: Template) -> str:
+        rng = self.rng
+        size = rng.choice([8192, 65_000, 65_535, 65_536, 70_000, 200_000])
+        kind = rng.choice(["value", "new", "many", "via-params", "name"])
+        if kind == "value" and t.headers:
+            h = rng.choice(t.headers)
+            h[1] = (h[1] or "") + "a" * size
+        elif kind == "new":
+            t.headers.insert(1, ["X-Fuzz", "b" * size])
+        elif kind == "many":
+            for i in range(size // 20):
+                t.headers.insert(1, [f"X-F{i}", "v"])
+        elif kind == "via-params":
+            vias = t.find("Via")
+            if vias:
+                t.headers[vias[0]][1] += "".join(f";p{i}=v" for i in range(size // 6))
+        else:
+            t.headers.insert(1, ["N" * size, "x"])
+        return f"{kind}:{size}"
+
+    def _sites(self, t: Template) -> list[tuple[str, int]]:
+        sites = []
+        for i, (name, value) in enumerate(t.headers):
+            if name is not None and (name in NUMERIC_HEADERS or name in COMPACT.values()) and \
+                    (value is None or re.search(r"[0-9]", str(value))):
+                sites.append(("h", i))
+        for i, line in enumerate(t.sdp or []):
+            if line.startswith(NUMERIC_SDP) and re.search(r"[0-9]", line):
+                sites.append(("s", i))
+        sites.append(("u", 0))
+        return sites
+
+    def _replace_number(self, t: Template, make) -> str:
+        rng = self.rng
+        where, i = rng.choice(self._sites(t))
+        if where == "h":
+            value = t.headers[i][1]
+            if value is None:
+                value = str(len(t.body()))
+            label = t.headers[i][0]
+        elif where == "s":
+            value, label = t.sdp[i], t.sdp[i][:8]
+        else:
+            value, label = t.uri, "uri"
+        runs = list(re.finditer(r"[0-9]+", value))
+        if not runs:
+            value, span = value + "0", (len(value), len(value) + 1)
+        else:
+            run = rng.choice(runs)
+            span = run.span()
+        new = value[:span[0]] + make(value[span[0]:span[1]]) + value[span[1]:]
+        if where == "h":
+            t.headers[i][1] = new
+        elif where == "s":
+            t.sdp[i] = new
+        else:
+            t.uri = new
+        return label
+
+    def unicode_digits(self, t: Template) -> str:
+        script = self.rng.choice(sorted(UNICODE_DIGITS))
+        digits = UNICODE_DIGITS[script]
+        whole = self.rng.random() < 0.6
+
+        def make(number: str) -> str:
+            if whole:
+                return "".join(digits[int(c)] for c in number)
+            k = self.rng.randrange(len(number))
+            return number[:k] + digits[int(number[k])] + number[k + 1:]
+        return f"{script}:{self._replace_number(t, make)}"
+
+    def absurd(self, t: Template) -> str:
+        value = absurd_number(self.rng)
+        return f"{self._replace_number(t, lambda _: value)}={value[:12]}{'…' if len(value) > 12 else ''}"
+
+    def content_length(self, t: Template) -> str:
+        rng = self.rng
+        length = len(t.body())
+        value = rng.choice([str(length + 1), str(length + 1000), str(length - 1), "0", "-1", str(2**31), str(2**64),
+                            "9" * 1000, "²", "", "abc", f" {length}", f"{length} ", str(max(0, length // 2)),
+                            str(65_536), "٣"])
+        found = t.find("Content-Length")
+        if found:
+            t.headers[found[0]][1] = value
+        else:
+            t.headers.append(["Content-Length", value])
+        return value[:12]
+
+    def nul(self, t: Template) -> str:
+        rng = self.rng
+        choice = rng.choice(["header", "sdp", "uri", "method"])
+        if choice == "sdp" and t.sdp:
+            i = rng.randrange(len(t.sdp))
+            k = rng.randrange(len(t.sdp[i]) + 1)
+            t.sdp[i] = t.sdp[i][:k] + "\x00" + t.sdp[i][k:]
+            return f"sdp:{t.sdp[i][:2]}"
+        if choice == "uri":
+            t.uri = t.uri + "\x00"
+            return "uri"
+        if choice == "method":
+            t.method = t.method + "\x00"
+            return "method"
+        h = rng.choice(t.headers)
+        value = str(h[1]) if h[1] is not None else str(len(t.body()))
+        k = rng.randrange(len(value) + 1)
+        h[1] = value[:k] + "\x00" + value[k:]
+        return f"header:{h[0]}"
+
+    def header_junk(self, t: Template) -> str:
+        rng = self.rng
+        name = rng.choice(sorted(HEADER_JUNK))
+        value = rng.choice(HEADER_JUNK[name]).format(h=HOST, b="z9hG4bK" + str(rng.getrandbits(32)))
+        if not self.namespace and name in ("Record-Route", "Route", "Via"):
+            value = value.replace("fuzz.invalid", "127.0.0.1")
+        found = t.find(name)
+        if found and rng.random() < 0.8:
+            t.headers[rng.choice(found)][1] = value
+        else:
+            t.headers.insert(rng.randrange(1, len(t.headers) + 1), [name, value])
+        if rng.random() < 0.1:  # and a header line that is no header line at all
+            t.headers.insert(rng.randrange(len(t.headers) + 1),
+                             [None, rng.choice([": x", "NoColon", "Via : x", "X-Ü: 1", " : ", "Bad Name: 1"])])
+        return f"{name}={value[:20]!r}"
+
+    def start_line(self, t: Template) -> str:
+        rng = self.rng
+        kind = rng.choice(["method", "uri", "version", "whole"])
+        if kind == "method":
+            t.method = rng.choice(METHOD_JUNK)
+            return f"method={t.method[:12]!r}"
+        if kind == "uri":
+            t.uri = rng.choice(URI_JUNK)
+            return f"uri={t.uri[:20]!r}"
+        if kind == "version":
+            t.version = rng.choice(VERSION_JUNK)
+            return f"version={t.version!r}"
+        t.start = rng.choice(START_JUNK)
+        return f"start={t.start!r}"
+
+    def sdp(self, t: Template) -> str:
+        rng = self.rng
+        if t.sdp is None:
+            if rng.random() < 0.5:
+                return "none"
+            t.sdp = Grammar(rng, ("127.0.0.1", 5060), self.sink_port).sdp()
+            if not t.find("Content-Type"):
+                t.headers.insert(len(t.headers) - 1, ["Content-Type", "application/sdp"])
+        lines = t.sdp
+        m_index = next((i for i, line in enumerate(lines) if line.startswith("m=audio")), None)
+        kinds = ["m-port", "c", "rtpmap", "formats", "ptime", "direction", "v", "many-m", "c-dup", "c-missing",
+                 "line-junk", "drop-line", "dup-line", "proto", "bandwidth", "long-line", "binary", "shuffle",
+                 "rtpmap-clock", "fmtp", "c-media"]
+        kind = rng.choice(kinds)
+        if kind == "m-port" and m_index is not None:
+            parts = lines[m_index].split(" ")
+            parts[1] = rng.choice(PORT_JUNK)
+            lines[m_index] = " ".join(parts)
+            return f"m-port={parts[1][:12]}"
+        if kind in ("c", "c-media"):
+            choices = [c for i, c in enumerate(C_JUNK) if self.namespace or i not in C_HOSTNAMES]
+            value = rng.choice(choices)
+            line = f"c={value}"
+            if kind == "c-media" and m_index is not None:
+                lines.insert(m_index + 1, line)
+            else:
+                for i, existing in enumerate(lines):
+                    if existing.startswith("c="):
+                        lines[i] = line
+                        break
+            return f"{kind}={value[:20]!r}"
+        if kind == "rtpmap":
+            pt = rng.choice(["999", "-1", "128", "99999999999999999999", "²", "", "0", "101"])
+            enc = rng.choice(["PCMU/8000", "telephone-event/8000", "PCMA/8000/1", "PCMU", "/", "X/Y", "PCMU/²"])
+            lines.append(f"a=rtpmap:{pt} {enc}")
+            if m_index is not None and rng.random() < 0.5:
+                lines[m_index] += f" {pt}"
+            return f"rtpmap={pt}"
+        if kind == "rtpmap-clock":
+            lines.append(f"a=rtpmap:0 PCMU/{rng.choice(['0', '-8000', '99999999999999999999', '8000.0', '８000'])}")
+            return "clock"
+        if kind == "formats" and m_index is not None:
+            parts = lines[m_index].split(" ")[:3]
+            fmts = rng.choice([["999"], ["128"], ["-1"], ["00000"], [], [str(i) for i in range(2000)], ["0"] * 50,
+                               ["²"], ["0", "abc"], ["1" * 400]])
+            lines[m_index] = " ".join(parts + fmts)
+            return f"formats={len(fmts)}"
+        if kind == "ptime":
+            value = rng.choice(["0", "-20", "99999999999999999999", "²", "20.5", "", "1000000"])
+            lines.append(f"a={rng.choice(['ptime', 'maxptime'])}:{value}")
+            return f"ptime={value[:12]}"
+        if kind == "direction":
+            lines += [f"a={d}" for d in rng.sample(["sendrecv", "sendonly", "recvonly", "inactive", "bogus"], 2)]
+            return "direction"
+        if kind == "v":
+            lines[0] = rng.choice(["v=1", "v=", "x=0", "v=²", "v=0\x00"])
+            if rng.random() < 0.3:
+                lines.pop(0)
+            return "v"
+        if kind == "many-m":
+            count = rng.choice([2, 20, 200, 2000])
+            lines += [f"m=audio {4000 + 2 * i} RTP/AVP 0" for i in range(count)]
+            return f"many-m={count}"
+        if kind == "c-dup":
+            lines.insert(4, f"c=IN IP4 {HOST}")
+            return "c-dup"
+        if kind == "c-missing":
+            t.sdp = [line for line in lines if not line.startswith("c=")]
+            return "c-missing"
+        if kind == "line-junk":
+            lines.insert(rng.randrange(len(lines) + 1), rng.choice(["=", "x", "==", "a", "m=", "c=", "m=audio",
+                                                                    "a=rtpmap:", "a=", "é=1", " "]))
+            return "line-junk"
+        if kind == "drop-line" and lines:
+            lines.pop(rng.randrange(len(lines)))
+            return "drop-line"
+        if kind == "dup-line" and lines:
+            i = rng.randrange(len(lines))
+            lines.insert(i, lines[i])
+            return f"dup-line={lines[i][:2]}"
+        if kind == "proto" and m_index is not None:
+            parts = lines[m_index].split(" ")
+            parts[2] = rng.choice(["RTP/SAVP", "UDP/TLS/RTP/SAVPF", "RTP/AVPF", "TCP", "", "RTP/AVP/TCP"])
+            lines[m_index] = " ".join(parts)
+            return "proto"
+        if kind == "bandwidth":
+            lines.insert(4, f"b=AS:{absurd_number(rng)}")
+            return "bandwidth"
+        if kind == "long-line":
+            lines.append("a=x-long:" + "z" * rng.choice([1000, 30000, 64000]))
+            return "long-line"
+        if kind == "binary":
+            t.raw_body = t.body() + rng.randbytes(rng.randrange(1, 200))
+            return "binary"
+        if kind == "shuffle":
+            rng.shuffle(lines)
+            return "shuffle"
+        if kind == "fmtp":
+            lines.append(f"a=fmtp:{rng.choice(['101', '²', '-1', '', '999'])} {rng.choice(['0-16', '', '0-99999999999'])}")
+            return "fmtp"
+        return f"{kind}:skipped"
+
+    def format(self, t: Template) -> str:
+        rng = self.rng
+        kind = rng.choice(["compact", "case", "space-colon", "no-space", "fold", "lf", "cr", "mixed-eol",
+                           "leading-crlf", "tabs"])
+        if kind == "compact":
+            for h in t.headers:
+                if h[0] in COMPACT and rng.random() < 0.7:
+                    h[0] = COMPACT[h[0]]
+        elif kind == "case":
+            for h in t.headers:
+                if h[0] is not None:
+                    h[0] = "".join(c.upper() if rng.random() < 0.5 else c.lower() for c in h[0])
+        elif kind == "space-colon":
+            h = rng.choice(t.headers)
+            if h[0] is not None:
+                h[0] = h[0] + rng.choice([" ", "\t", "  "])
+        elif kind == "no-space":
+            t.headers = [[None, f"{n}:{v if v is not None else len(t.body())}"] if n is not None else [n, v]
+                         for n, v in t.headers]
+        elif kind == "fold":
+            h = rng.choice(t.headers)
+            if h[1]:
+                value = str(h[1])
+                k = rng.randrange(len(value) + 1)
+                h[1] = value[:k] + t.eol + rng.choice([" ", "\t", "   "]) + value[k:]
+        elif kind == "lf":
+            t.eol = "\n"
+        elif kind == "cr":
+            t.eol = "\r"
+        elif kind == "mixed-eol":
+            h = rng.choice(t.headers)
+            h[1] = f"{h[1] if h[1] is not None else len(t.body())}\n"
+        elif kind == "leading-crlf":
+            t.start = "\r\n" * rng.randrange(1, 50) + f"{t.method} {t.uri} {t.version}"
+        else:
+            h = rng.choice(t.headers)
+            if h[1] is not None:
+                h[1] = "\t" + str(h[1]) + " \t"
+        return kind
+
+    # -- byte level --------------------------------------------------------------------------------
+
+    def bitflip(self, data: bytes, bounds, extra) -> tuple[bytes, str]:
+        rng = self.rng
+        if not data:
+            return data, "empty"
+        out = bytearray(data)
+        n = rng.choice([1, 1, 2, 4, 8, 32])
+        head = data.find(b"\r\n\r\n")
+        for _ in range(n):
+            limit = head if head > 0 and rng.random() < 0.6 else len(out)
+            i = rng.randrange(max(1, limit))
+            out[i] ^= 1 << rng.randrange(8)
+        return bytes(out), str(n)
+
+    def truncate(self, data: bytes, bounds, extra) -> tuple[bytes, str]:
+        rng = self.rng
+        if rng.random() < 0.85 and bounds:
+            cut = rng.choice(bounds) + rng.choice([0, 0, 0, -1, -2, 1, 2])
+        else:
+            cut = rng.randrange(len(data) + 1)
+        cut = max(0, min(len(data), cut))
+        return data[:cut], str(cut)
+
+    def garbage(self, data: bytes, bounds, extra) -> tuple[bytes, str]:
+        rng = self.rng
+        junk = rng.randbytes(rng.choice([1, 8, 64, 512]))
+        kind = rng.choice(["insert", "replace-tail", "prefix"])
+        if kind == "insert":
+            i = rng.randrange(len(data) + 1)
+            return data[:i] + junk + data[i:], f"insert:{len(junk)}"
+        if kind == "prefix":
+            return junk + data, f"prefix:{len(junk)}"
+        i = rng.randrange(len(data) + 1)
+        return data[:i] + junk, f"tail:{len(junk)}"
+
+    def nul_byte(self, data: bytes, bounds, extra) -> tuple[bytes, str]:
+        i = self.rng.randrange(len(data) + 1)
+        return data[:i] + b"\x00" * self.rng.choice([1, 1, 4, 100]) + data[i:], str(i)
+
+    def splice(self, data: bytes, bounds, extra) -> tuple[bytes, str]:
+        if extra and self.rng.random() < 0.7:
+            return data + extra, "append"
+        return data + data, "twice"
+
+
+def garbage_input(rng: random.Random) -> tuple[bytes, str]:
+    """A whole input that is not a request at all."""
+    kind = rng.choice(["random", "printable", "crlf", "keepalive", "soup", "empty", "rtp", "stun", "http"])
+    if kind == "random":
+        return rng.randbytes(rng.choice([1, 12, 100, 1400, 8000])), kind
+    if kind == "printable":
+        return "".join(chr(rng.randrange(32, 127)) for _ in range(rng.choice([10, 300, 3000]))).encode(), kind
+    if kind == "crlf":
+        return b"\r\n" * rng.choice([1, 2, 3, 100, 5000]), kind
+    if kind == "keepalive":
+        return rng.choice([b"\r\n\r\n", b"\r\n", b"\n", b"\r\n\r\n\r\n\r\n", b"\x00\x00\x00\x00", b"jaK\n"]), kind
+    if kind == "soup":
+        heads = ["Via", "From", "To", "Call-ID", "CSeq", "Content-Length", "v", "f", "t", "i", "l"]
+        lines = [f"{rng.choice(heads)}: {rng.choice(['1', 'x', '', '<sip:a@b>', '1 INVITE', '²'])}"
+                 for _ in range(rng.randrange(1, 20))]
+        return ("\r\n".join([rng.choice(["INVITE sip:x@y SIP/2.0", "SIP/2.0 200 OK", "X"])] + lines) + "\r\n\r\n"
+                ).encode(), kind
+    if kind == "empty":
+        return b"", kind
+    if kind == "rtp":
+        return bytes([0x80, rng.randrange(128)]) + rng.randbytes(170), kind
+    if kind == "stun":
+        return struct.pack("!HHI12s", 1, 0, 0x2112A442, bytes(12)), kind
+    return b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", kind
+
+
+# --- findings -------------------------------------------------------------------------------------------------------
+
+def bytes_literal(data: bytes, limit: int = 4000) -> str:
+    """A Python expression for ``data``: long runs as ``b'x' * n``, long inputs cut with a note."""
+    parts, i = [], 0
+    pattern = re.compile(rb"(.)\1{63,}", re.S)
+    for m in pattern.finditer(data):
+        if m.start() > i:
+            parts.append(repr(data[i:m.start()]))
+        parts.append(f"{data[m.start():m.start() + 1]!r} * {m.end() - m.start()}")
+        i = m.end()
+    if i < len(data):
+        parts.append(repr(data[i:]))
+    text = " + ".join(parts) if parts else "b''"
+    if len(text) > limit:
+        text = text[:limit] + f"  # … cut, {len(data)} bytes in all"
+    return text
+
+
+@dataclass
+class Finding:
+    signature: str
+    what: str
+    detail: str
+    inputs: list  # [(index, transport, data, mutators)]
+    first_index: int
+    count: int = 1
+    repro: tuple | None = None  # (transport, data) that reproduces alone, when one did
+
+
+class Findings:
+    def __init__(self, path: Path | None, command: str):
+        self.path = path
+        self.command = command
+        self.by_signature: dict[str, Finding] = {}
+
+    def add(self, signature: str, what: str, detail: str, inputs: list, index: int) -> bool:
+        existing = self.by_signature.get(signature)
+        if existing is not None:
+            existing.count += 1
+            return False
+        self.by_signature[signature] = Finding(signature, what, detail, list(inputs), index)
+        return True
+
+    def write(self) -> int:
+        """Append the findings whose signature the file does not have yet; returns how many."""
+        if self.path is None:
+            return 0
+        known = self.path.read_text(errors="replace") if self.path.exists() else ""
+        new = [f for f in self.by_signature.values() if f"`{f.signature}`" not in known]
+        if not new:
+            return 0
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        chunks = []
+        if not known:
+            chunks.append("# SIP fuzzer findings (tools/sip_fuzz.py)\n\nOne entry per crash class; the signature in "
+                          "backticks is what the fuzzer dedupes on.\n")
+        for f in new:
+            if f.repro is not None:
+                transport, data = f.repro
+                how = f"reproduces alone over {transport}"
+            elif f.inputs:
+                _, transport, data, _ = f.inputs[-1]
+                how = f"the last of {len(f.inputs)} inputs before it (did not reproduce alone; see the window)"
+            else:
+                transport, data, how = "-", b"", "no single input (an end-of-run check)"
+            chunks.append(
+                f"\n## `{f.signature}`\n\n- found {stamp}, input #{f.first_index}, seen {f.count}x, by "
+                f"`{self.command}`\n- what: {f.what}\n- input ({how}):\n\n```python\n{bytes_literal(data)}\n```\n")
+            if f.repro is None and len(f.inputs) > 1:
+                window = "\n".join(f"# #{i} {tr} {', '.join(m)}\n{bytes_literal(d, 600)}"
+                                   for i, tr, d, m in f.inputs[-6:])
+                chunks.append(f"\n- the inputs just before it:\n\n```python\n{window}\n```\n")
+            if f.detail:
+                chunks.append(f"\n- detail:\n\n```\n{f.detail.strip()[-2500:]}\n```\n")
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write("".join(chunks))
+        return len(new)
+
+
+def traceback_signature(text: str) -> str:
+    """``ExceptionType at file:line in function`` of the innermost project frame of a traceback text."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text)
+    ours = [f for f in frames if "/transports/" in f[0] or "/plugin/" in f[0] or "pipecat_nemotron" in f[0]]
+    frame = (ours or frames or [("?", "?", "?")])[-1]
+    lines = [line for line in text.strip().splitlines() if line and not line.startswith(" ")]
+    last = lines[-1] if lines else "?"
+    exc = re.split(r"[:\s]", last.strip(), maxsplit=1)[0] if last else "?"
+    return f"{exc} at {Path(frame[0]).parent.name}/{Path(frame[0]).name}:{frame[1]} in {frame[2]}"
+
+
+# --- the network side of the fuzzer -----------------------------------------------------------------------------
+
+class UdpEndpoint(asyncio.DatagramProtocol):
+    def __init__(self, owner: "Fuzzer"):
+        self.owner = owner
+        self.transport: asyncio.DatagramTransport | None = None
+        self.port = 0
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.port = transport.get_extra_info("sockname")[1]
+
+    def datagram_received(self, data, addr):
+        self.owner.on_message(data, "UDP", self, addr)
+
+    def error_received(self, exc):
+        pass
+
+
+class RtpSink(asyncio.DatagramProtocol):
+    """Where the fuzzer's SDP points the server's RTP: counts what arrives."""
+
+    def __init__(self):
+        self.packets = 0
+
+    def datagram_received(self, data, addr):
+        self.packets += 1
+
+
+class TcpConn:
+    def __init__(self, owner: "Fuzzer", reader, writer):
+        self.owner, self.reader, self.writer = owner, reader, writer
+        self.port = writer.get_extra_info("sockname")[1]
+        self.closed = False
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self):
+        from pipecat_nemotron.transports.sip.message import parse_stream
+        buffer = b""
+        try:
+            while True:
+                data = await self.reader.read(65536)
+                if not data:
+                    break
+                buffer += data
+                while buffer:
+                    try:
+                        message, used = parse_stream(buffer)
+                    except Exception:
+                        self.owner.bad_responses += 1
+                        buffer = b""
+                        break
+                    if message is None:
+                        buffer = buffer[used:]
+                        break
+                    raw, buffer = buffer[:used], buffer[used:]
+                    self.owner.on_message(raw, "TCP", self, None, parsed=message)
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            pass
+        finally:
+            self.closed = True
+            self.writer.close()
+
+    def write(self, data: bytes):
+        if not self.closed and not self.writer.is_closing():
+            self.writer.write(data)
+
+    def close(self):
+        self.closed = True
+        self.writer.close()
+        self.task.cancel()
+
+
+@dataclass
+class Sent:
+    index: int
+    transport: str
+    data: bytes
+    mutators: list[str]
+
+
+class Fuzzer:
+    """Generates, sends and tracks inputs against one server."""
+
+    def __init__(self, *, server: tuple[str, int], seed: int, namespace: bool, udp_sockets: int = 16,
+                 tcp_share: float = 0.25, window: int = 48, findings: Findings | None = None):
+        self.server = server
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.ack_rng = random.Random(seed ^ 0x5EED)
+        self.namespace = namespace
+        self.tcp_share = tcp_share
+        self.mutator = Mutator(self.rng, namespace)
+        self.findings = findings
+        self.udp: list[UdpEndpoint] = []
+        self.n_udp = udp_sockets
+        self.tcp: list[TcpConn] = []
+        self.held: deque[tuple[float, TcpConn]] = deque()  # half-sent connections held open for a while
+        self.sink = RtpSink()
+        self.grammar: Grammar | None = None
+        self.dialogs: dict[str, Dialog] = {}
+        self.pending_invites: dict[str, Dialog] = {}
+        self.window: deque[Sent] = deque(maxlen=window)
+        self.due: dict[str, tuple[float, Sent, str]] = {}  # branch → (sent at, input, method)
+        self.final_due: dict[str, list] = {}  # INVITE branch → [sent at, input, provisional seen]
+        self.invites: dict[str, Sent] = {}  # Call-ID → the last few thousand INVITEs (to name a stuck call's input)
+        self.stats = {"inputs": 0, "udp": 0, "tcp": 0, "responses": 0, "no_response": 0, "stuck_invites": 0,
+                      "dialogs_learnt": 0, "in_dialog": 0, "server_requests": 0}
+        self.mutator_counts: dict[str, int] = {}
+        self.status_counts: dict[int, int] = {}
+        self.bad_responses = 0
+        self.index = 0
+        self._closing = False
+
+    async def open(self):
+        loop = asyncio.get_running_loop()
+        for _ in range(self.n_udp):
+            _, ep = await loop.create_datagram_endpoint(lambda: UdpEndpoint(self), local_addr=(HOST, 0))
+            self.udp.append(ep)
+        sink_transport, _ = await loop.create_datagram_endpoint(lambda: self.sink, local_addr=(HOST, 0))
+        self._sink_transport = sink_transport
+        sink_port = sink_transport.get_extra_info("sockname")[1]
+        self.grammar = Grammar(self.rng, self.server, sink_port)
+        self.ack_grammar = Grammar(self.ack_rng, self.server, sink_port)  # answers to the server: own stream
+        self.mutator.sink_port = sink_port
+
+    async def close(self):
+        self._closing = True
+        for conn in self.tcp:
+            conn.close()
+        for _, conn in self.held:
+            conn.close()
+        self.held.clear()
+        self.tcp.clear()
+        for ep in self.udp:
+            ep.transport.close()
+        self._sink_transport.close()
+        await asyncio.sleep(0.05)
+
+    # -- what comes back ----------------------------------------------------------------------------
+
+    def on_message(self, data: bytes, transport: str, endpoint, addr, parsed=None):
+        from pipecat_nemotron.transports.sip.message import (SIPRequest, SIPResponse, parse_address, parse_message,
+                                                            parse_via)
+        try:
+            message = parsed if parsed is not None else parse_message(data)
+        except Exception:  # e.g. a 400 that echoes the request's own broken CSeq: still an answer to it
+            self.bad_responses += 1
+            branch = re.search(rb"branch=([^;\r\n, ]+)", data)
+            method = re.search(rb"\n(?:CSeq|cseq): *\S+ +([A-Za-z]+)", data)
+            status = re.match(rb"SIP/2\.0 (\d{3}) ", data)
+            if branch and method and status:
+                self._answered(branch.group(1).decode(errors="replace"), method.group(1).decode().upper(),
+                               int(status.group(1)))
+            return
+        if message is None:
+            return
+        if isinstance(message, SIPRequest):  # the server's BYE (no ACK, timers, max call length): answer 200
+            self.stats["server_requests"] += 1
+            self.dialogs.pop(message.call_id, None)
+            if message.method != "ACK":
+                reply = "SIP/2.0 200 OK\r\n" + "".join(
+                    f"{k}: {v}\r\n" for k, v in message.headers if k in ("Via", "From", "To", "Call-ID", "CSeq")
+                ) + "Content-Length: 0\r\n\r\n"
+                self._send_back(reply.encode(), transport, endpoint, addr)
+            return
+        assert isinstance(message, SIPResponse)
+        self.stats["responses"] += 1
+        self.status_counts[message.status] = self.status_counts.get(message.status, 0) + 1
+        try:
+            branch = parse_via(message.get_all("Via")[0]).branch
+            number, method = message.cseq
+        except Exception:
+            self.bad_responses += 1
+            return
+        self._answered(branch, method, message.status)
+        if method != "INVITE":
+            return
+        call_id = message.call_id
+        try:  # whatever INVITE got this answer (mutated or not), its dialog is learnt from the response
+            to_tag = parse_address(message.get("To")).tag
+            info = Dialog(call_id=call_id, from_header=message.get("From"), to_header=message.get("To"),
+                          invite_branch=branch, cseq=number, transport=transport, born=time.monotonic())
+        except Exception:
+            return
+        if message.status < 200:
+            if call_id not in self.pending_invites and call_id not in self.dialogs:
+                self.pending_invites[call_id] = info
+                while len(self.pending_invites) > 64:
+                    self.pending_invites.pop(next(iter(self.pending_invites)))
+            return
+        self.pending_invites.pop(call_id, None)
+        if 200 <= message.status < 300 and to_tag and call_id not in self.dialogs:
+            info.answered = True
+            self.dialogs[call_id] = info
+            self.stats["dialogs_learnt"] += 1
+            if self.ack_rng.random() < 0.7:  # most answered calls get their ACK
+                self._ack(info, endpoint, transport)
+            while len(self.dialogs) > 64:
+                self.dialogs.pop(next(iter(self.dialogs)))
+
+    def _answered(self, branch: str, method: str, status: int):
+        self.due.pop((branch, method), None)
+        if method == "INVITE":
+            if status >= 200:
+                self.final_due.pop(branch, None)
+            elif branch in self.final_due:
+                self.final_due[branch][2] = True
+
+    def _send_back(self, data: bytes, transport: str, endpoint, addr):
+        try:
+            if transport == "UDP":
+                endpoint.transport.sendto(data, addr)
+            else:
+                endpoint.write(data)
+        except Exception:
+            pass
+
+    def _ack(self, dialog: Dialog, endpoint, transport: str):
+        g = self.ack_grammar
+        t = g.request("ACK", local_port=endpoint.port, transport=transport, dialog=dialog, cseq=dialog.cseq,
+                      body=None)
+        data, _ = t.serialize()
+        if transport == "UDP":
+            endpoint.transport.sendto(data, self.server)
+        else:
+            endpoint.write(data)
+
+    # -- inputs -------------------------------------------------------------------------------------
+
+    def _pick_method(self) -> tuple[str, Dialog | None]:
+        # The same draws whatever the server answered, so the generated stream is a function of the seed; only
+        # the Call-ID/tags of in-dialog requests come from the dialogs learnt so far.
+        rng = self.rng
+        x, pick = rng.random(), rng.random()
+        in_dialog = rng.choice(["INVITE", "INVITE", "BYE", "ACK", "OPTIONS", "INFO", "UPDATE", "CANCEL"])
+        if self.dialogs and x < 0.25:
+            dialog = list(self.dialogs.values())[int(pick * len(self.dialogs))]
+            return in_dialog, dialog
+        if self.pending_invites and x < 0.30:
+            dialog = list(self.pending_invites.values())[int(pick * len(self.pending_invites))]
+            return "CANCEL", dialog
+        method = rng.choices(["INVITE", "OPTIONS", "BYE", "CANCEL", "ACK", "REGISTER", "INFO", "UPDATE"],
+                             weights=[40, 15, 10, 8, 8, 10, 4, 5])[0]
+        return method, None
+
+    def build(self, local_port: int, transport: str) -> tuple[bytes, list[str], str, str]:
+        """(wire bytes, mutator names, method, Call-ID) of the next input."""
+        rng = self.rng
+        g = self.grammar
+        if rng.random() < 0.05:
+            data, kind = garbage_input(rng)
+            return data, [f"garbage-input:{kind}"], "-", ""
+        method, dialog = self._pick_method()
+        cseq = branch = None
+        if dialog is not None:
+            self.stats["in_dialog"] += 1
+            if method == "CANCEL":
+                cseq, branch = dialog.cseq, dialog.invite_branch
+            elif method == "ACK":
+                cseq = dialog.cseq
+            else:
+                dialog.cseq += 1
+                cseq = dialog.cseq
+        t = g.request(method, local_port=local_port, transport=transport, dialog=dialog, cseq=cseq, branch=branch)
+        extra = None
+        if rng.random() < 0.2:
+            extra, _ = g.request(rng.choice(["OPTIONS", "INVITE"]), local_port=local_port,
+                                 transport=transport).serialize()
+        call_id = next((v for n, v in t.headers if n == "Call-ID"), "")
+        data, names = self.mutator.mutate(t, extra)
+        for name in names:
+            key = name.split(":", 1)[0]
+            self.mutator_counts[key] = self.mutator_counts.get(key, 0) + 1
+        return data, names, method, call_id
+
+    def _track_due(self, sent: Sent, port: int):
+        """Remember requests that must get a response: readable enough for the server to address a 400."""
+        from pipecat_nemotron.transports.sip.message import (SIPRequest, parse_address, parse_cseq, parse_message,
+                                                            parse_via)
+        try:
+            message = parse_message(sent.data)
+            if not isinstance(message, SIPRequest) or message.method == "ACK":
+                return
+            via = parse_via(message.get_all("Via")[0])
+            parse_cseq(message.get("CSeq"))
+            parse_address(message.get("From"))
+            parse_address(message.get("To"))
+        except Exception:
+            return
+        if not via.branch or ("rport" not in via.params and via.port != port) or via.host != HOST:
+            return
+        key = (via.branch, message.method)
+        if key in self.due:
+            return
+        now = time.monotonic()
+        self.due[key] = (now, sent, message.method)
+        if message.method == "INVITE" and not parse_address(message.get("To")).tag:
+            self.final_due[via.branch] = [now, sent, False]
+
+    async def send_one(self) -> Sent:
+        rng = self.rng
+        self.index += 1
+        use_tcp = rng.random() < self.tcp_share
+        if use_tcp:
+            return await self._send_tcp()
+        ep = self.udp[rng.randrange(len(self.udp))]
+        data, names, method, _ = self.build(ep.port, "UDP")
+        if len(data) > MAX_UDP:  # does not fit a datagram: the TCP path takes it
+            return await self._send_tcp(prebuilt=(data, names))
+        sent = Sent(self.index, "UDP", data, names)
+        self.window.append(sent)
+        self._remember_invite(sent)
+        try:
+            ep.transport.sendto(data, self.server)
+        except OSError:
+            pass
+        self.stats["udp"] += 1
+        self.stats["inputs"] += 1
+        self._track_due(sent, ep.port)
+        return sent
+
+    def _remember_invite(self, sent: Sent):
+        if not sent.data.startswith(b"INVITE"):
+            return
+        match = re.search(rb"\n(?:Call-ID|i) *: *([^\r\n]*)", sent.data, re.I)
+        if match:
+            self.invites[match.group(1).strip().decode("utf-8", errors="replace")] = sent
+            if len(self.invites) > 4000:
+                self.invites.pop(next(iter(self.invites)))
+
+    async def _connect(self) -> TcpConn | None:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.server, limit=2**20), 2)
+        except (OSError, asyncio.TimeoutError):
+            return None
+        return TcpConn(self, reader, writer)
+
+    async def _send_tcp(self, prebuilt=None) -> Sent:
+        rng = self.rng
+        style = rng.choices(["persistent", "fresh", "chunked", "crlf-flood", "pipelined", "half"],
+                            weights=[40, 15, 10, 10, 10, 15])[0]
+        self.tcp = [c for c in self.tcp if not c.closed]
+        conn = None
+        if style == "persistent" and self.tcp and (len(self.tcp) >= 4 or rng.random() < 0.9):
+            conn = rng.choice(self.tcp)
+        if conn is None:
+            conn = await self._connect()
+            if conn is None:
+                sent = Sent(self.index, "TCP", b"", ["connect-failed"])
+                self.stats["inputs"] += 1
+                return sent
+            if style == "persistent":
+                self.tcp.append(conn)
+        if prebuilt is not None:
+            data, names = prebuilt
+        else:
+            data, names, _, _ = self.build(conn.port, "TCP")
+        names = names + [f"tcp:{style}"]
+        payload = data
+        if style == "crlf-flood":
+            payload = b"\r\n" * rng.choice([2, 100, 10_000, 100_000]) + data
+        elif style == "pipelined":
+            more, _, _, _ = self.build(conn.port, "TCP")
+            payload = data + more
+        sent = Sent(self.index, "TCP", payload, names)
+        self.window.append(sent)
+        self._remember_invite(sent)
+        self.stats["tcp"] += 1
+        self.stats["inputs"] += 1
+        try:
+            if style == "chunked":
+                step = rng.choice([1, 7, 64])
+                for i in range(0, len(payload), step):
+                    conn.write(payload[i:i + step])
+                    if i // step % 16 == 0:
+                        await asyncio.sleep(0)
+            elif style == "half":
+                conn.write(payload[:rng.randrange(len(payload) + 1)])
+            else:
+                conn.write(payload)
+        except Exception:
+            pass
+        if style in ("fresh", "chunked", "crlf-flood", "pipelined"):
+            asyncio.get_running_loop().call_later(rng.choice([0.05, 0.3, 1.0]), conn.close)
+        elif style == "half":
+            self.held.append((time.monotonic() + rng.choice([0.2, 1.0, 3.0]), conn))
+        self._expire_held()
+        return sent
+
+    def _expire_held(self, everything=False):
+        now = time.monotonic()
+        while self.held and (everything or self.held[0][0] < now or len(self.held) > 40):
+            _, conn = self.held.popleft()
+            conn.close()
+
+    async def backpressure(self, harvest, *, backlog: int = 24, age: float = 0.25):
+        """Wait while many tracked requests have been waiting for their response for a while (the server is
+        behind: sending faster would only overflow its socket buffer and look like lost responses)."""
+        waited = 0.0
+        while self.due and len(self.due) > backlog and waited < 2.5:
+            oldest = next(iter(self.due.values()))[0]
+            if time.monotonic() - oldest < age:
+                return
+            await asyncio.sleep(0.01)
+            waited += 0.01
+            if waited % 0.5 < 0.01:
+                harvest()
+
+    def check_due(self, *, deadline: float = 2.0, final_deadline: float = 6.0) -> list[tuple[str, Sent, str]]:
+        """Inputs whose response (or INVITE final response) is overdue; removed once reported."""
+        now = time.monotonic()
+        late = []
+        for key, (at, sent, method) in list(self.due.items()):
+            if now - at > deadline:
+                del self.due[key]
+                self.final_due.pop(key[0], None)
+                late.append(("no response", sent, method))
+        for branch, (at, sent, provisional) in list(self.final_due.items()):
+            if provisional and now - at > final_deadline:
+                del self.final_due[branch]
+                late.append(("100 Trying but no final response", sent, "INVITE"))
+            elif now - at > final_deadline:
+                del self.final_due[branch]
+        self._expire_held()
+        for call_id, dialog in list(self.dialogs.items()):
+            if now - dialog.born > 20:
+                del self.dialogs[call_id]
+        return late
+
+
+# --- the normal call ------------------------------------------------------------------------------------------------
+
+def caller_audio(wav_path: Path) -> bytes:
+    """8 kHz PCM16: 0.3 s silence, the WAV, 1.5 s silence (so the VAD sees the end)."""
+    import numpy as np
+    from scipy.signal import resample_poly
+
+    from pipecat_nemotron.wav import read_wav
+
+    wav = read_wav(wav_path)
+    samples = wav.samples.astype(np.float64)
+    if wav.sample_rate != 8000:
+        samples = resample_poly(samples, 8000, wav.sample_rate)
+    pcm = np.clip(samples, -32768, 32767).astype("<i2")
+    return bytes(4800) + pcm.tobytes() + bytes(24000)
+
+
+class _Queue(asyncio.DatagramProtocol):
+    def __init__(self):
+        self.inbox: asyncio.Queue = asyncio.Queue()
+
+    def datagram_received(self, data, addr):
+        self.inbox.put_nowait((data, addr))
+
+
+async def normal_call(server: tuple[str, int], wav_path: Path = DEFAULT_WAV, *, attempts: int = 10) -> dict:
+    """A scripted UAC over UDP: INVITE (PCMU), ACK, the WAV as RTP in real time, BYE. Returns what happened."""
+    from aiortc.rtp import RtpPacket
+
+    from pipecat_nemotron.transports.g711 import encode
+    from pipecat_nemotron.transports.sip.message import SIPResponse, parse_message
+
+    loop = asyncio.get_running_loop()
+    sip_t, sip = await loop.create_datagram_endpoint(_Queue, local_addr=(HOST, 0))
+    rtp_t, rtp = await loop.create_datagram_endpoint(_Queue, local_addr=(HOST, 0))
+    sip_port, rtp_port = sip_t.get_extra_info("sockname")[1], rtp_t.get_extra_info("sockname")[1]
+    call_id = f"normal-{os.getpid()}-{time.monotonic_ns()}@fuzz"
+    result = {"call_id": call_id, "answered": False, "status": None, "rtp_sent": 0, "rtp_received": 0,
+              "bye_status": None}
+
+    def request(method, cseq, branch, to, body=""):
+        ctype = "Content-Type: application/sdp\r\n" if body else ""
+        return (f"{method} sip:bot@{server[0]}:{server[1]} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP {HOST}:{sip_port};branch={branch};rport\r\nMax-Forwards: 70\r\n"
+                f'From: "Normal Caller" <sip:caller@{HOST}>;tag=normal\r\nTo: {to}\r\nCall-ID: {call_id}\r\n'
+                f"CSeq: {cseq} {method}\r\nContact: <sip:caller@{HOST}:{sip_port}>\r\n{ctype}"
+                f"Content-Length: {len(body.encode())}\r\n\r\n{body}").encode()
+
+    async def final(method, timeout=5.0):
+        deadline = loop.time() + timeout
+        while True:
+            data, _ = await asyncio.wait_for(sip.inbox.get(), max(0.01, deadline - loop.time()))
+            message = parse_message(data)
+            if isinstance(message, SIPResponse) and message.status >= 200 and message.cseq[1] == method:
+                return message
+
+    sdp = (f"v=0\r\no=caller 1 1 IN IP4 {HOST}\r\ns=-\r\nc=IN IP4 {HOST}\r\nt=0 0\r\n"
+           f"m=audio {rtp_port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
+           f"a=ptime:20\r\na=sendrecv\r\n")
+    to = f"<sip:bot@{server[0]}:{server[1]}>"
+    try:
+        ok = None
+        for attempt in range(attempts):  # call slots may still be held by the fuzz run's calls: 503, retry
+            branch = f"z9hG4bKnormal{attempt}{time.monotonic_ns()}"
+            sip_t.sendto(request("INVITE", attempt + 1, branch, to, sdp), server)
+            try:
+                response = await final("INVITE")
+            except asyncio.TimeoutError:
+                result["status"] = "timeout"
+                continue
+            result["status"] = response.status
+            if response.status == 200:
+                ok, cseq = response, attempt + 1
+                break
+            sip_t.sendto(request("ACK", attempt + 1, branch, to), server)
+            await asyncio.sleep(1.0)
+        if ok is None:
+            return result
+        result["answered"] = True
+        to = ok.get("To")
+        sip_t.sendto(request("ACK", cseq, f"z9hG4bKack{time.monotonic_ns()}", to), server)
+        from pipecat_nemotron.transports.sip.sdp import parse_sdp
+        answer = parse_sdp(ok.body)
+        media = answer.media[0]
+        target = (media.connection or answer.connection, media.port)
+        pcm = caller_audio(wav_path)
+        start = loop.time()
+        seq, ts = 1000, 0
+        for i in range(0, len(pcm), 320):
+            payload = encode(pcm[i:i + 320].ljust(320, b"\0"), "PCMU")
+            rtp_t.sendto(RtpPacket(payload_type=0, sequence_number=seq & 0xFFFF, timestamp=ts, ssrc=0x1234,
+                                   marker=int(i == 0), payload=payload).serialize(), target)
+            seq, ts = seq + 1, ts + 160
+            result["rtp_sent"] += 1
+            delay = start + (i // 320 + 1) * 0.02 - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        result["rtp_received"] = rtp.inbox.qsize()
+        sip_t.sendto(request("BYE", cseq + 1, f"z9hG4bKbye{time.monotonic_ns()}", to), server)
+        try:
+            result["bye_status"] = (await final("BYE")).status
+        except asyncio.TimeoutError:
+            result["bye_status"] = "timeout"
+        return result
+    finally:
+        sip_t.close()
+        rtp_t.close()
+
+
+def _normalise(text: str) -> str:
+    text = re.sub(r"<[^>]*>", " ", text.lower())
+    return " ".join(re.sub(r"[^\w\s']", " ", text).split())
+
+
+def expected_text(wav_path: Path) -> str | None:
+    manifest = wav_path.parent / "manifest.jsonl"
+    if not manifest.exists():
+        return None
+    for line in manifest.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("file") == wav_path.name:
+            return row.get("text")
+    return None
+
+
+# --- the server under test -------------------------------------------------------------------------------------
+
+def process_usage(pid: int | None = None) -> tuple[int, int]:
+    """(RSS in bytes, open fds) of a process (this one by default)."""
+    base = f"/proc/{pid or 'self'}"
+    rss = 0
+    try:
+        for line in Path(f"{base}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+        fds = len(os.listdir(f"{base}/fd"))
+    except OSError:
+        return 0, 0
+    return rss, fds
+
+
+def short_config(**overrides):
+    """A SIPConfig on 127.0.0.1 with the fuzz run's short timers (fields this tree does not have are skipped)."""
+    from pipecat_nemotron.transports.sip import SIPConfig
+
+    names = {f.name for f in dataclasses.fields(SIPConfig)}
+    values = dict(host=HOST, port=0, max_calls=8, **SHORT_TIMERS, **FUZZ_LIMITS)
+    values.update(overrides)
+    return SIPConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def shorten_server_memory():
+    """The server keeps responses and ended calls for 32 s; the fuzz run waits 2 s (where the constant exists)."""
+    import importlib
+    for module in ("pipecat_nemotron.transports.sip.uas", "pipecat_nemotron.transports.sip.config",
+                   "pipecat_nemotron.transports.sip.transactions"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        for name in ("RESPONSE_CACHE_SECS", "CALL_MEMORY_SECS", "TRANSACTION_SECS"):
+            if hasattr(mod, name):
+                setattr(mod, name, SHORT_CACHE_SECS)
+
+
+class InProcessTarget:
+    """``SIPUserAgentServer`` in this process and loop, with a recording on_call; errors captured as they happen."""
+
+    kind = "in-process"
+
+    def __init__(self, **config):
+        self.config = config
+        self.server = None
+        self.errors: list[tuple[float, str]] = []
+        self.answered = 0
+        self._sink_id = None
+        self._old_handler = None
+
+    async def start(self) -> tuple[str, int]:
+        from loguru import logger
+
+        from pipecat_nemotron.transports.sip import SIPUserAgentServer
+
+        shorten_server_memory()
+        loop = asyncio.get_running_loop()
+        self._old_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_error)
+        self._sink_id = logger.add(self._log_sink, level="DEBUG", format="{message}",
+                                   filter=lambda r: r["exception"] is not None or r["level"].no >= 40)
+
+        async def on_call(call):
+            self.answered += 1
+            await call.ended.wait()
+
+        self.server = SIPUserAgentServer(config=short_config(**self.config), on_call=on_call)
+        await self.server.start()
+        return HOST, self.server.port
+
+    def _log_sink(self, message):
+        record = message.record
+        text = record["message"]
+        if record["exception"] is not None:
+            exc = record["exception"]
+            text += "\n" + "".join(traceback.format_exception(exc.type, exc.value, exc.traceback))
+        self.errors.append((time.monotonic(), text))
+
+    def _loop_error(self, loop, context):
+        exc = context.get("exception")
+        text = context.get("message", "")
+        if exc is not None:
+            text += "\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.errors.append((time.monotonic(), text))
+
+    def alive(self) -> bool:
+        return self.server is not None and getattr(self.server, "_transport", True) is not None
+
+    def usage(self) -> tuple[int, int]:
+        return process_usage()
+
+    def call_state(self) -> dict:
+        s = self.server
+        state = {"active_calls": s.active_calls, "calls": len(s.calls)}
+        for name in ("_tasks", "_streams", "_responses", "_client"):
+            value = getattr(s, name, None)
+            if value is not None:
+                state[name.strip("_")] = len(value)
+        return state
+
+    def settled(self) -> bool:
+        state = self.call_state()
+        return state["active_calls"] == 0 and state["calls"] == 0 and state.get("streams", 0) == 0
+
+    async def stop(self):
+        from loguru import logger
+
+        if self.server is not None:
+            try:
+                await asyncio.wait_for(self.server.stop(), 10)
+            except Exception as exc:  # stop() itself failing is a finding too
+                self.errors.append((time.monotonic(), "server.stop() failed\n" + "".join(
+                    traceback.format_exception(type(exc), exc, exc.__traceback__))))
+        import gc
+        await asyncio.sleep(0.1)
+        gc.collect()  # "Task exception was never retrieved" is reported when the task is collected
+        await asyncio.sleep(0)
+        if self._sink_id is not None:
+            logger.remove(self._sink_id)
+        asyncio.get_running_loop().set_exception_handler(self._old_handler)
+
+    def stuck_calls(self) -> list[tuple[str, str]]:
+        """(Call-ID, state) of every call still active."""
+        return [(cid, getattr(c, "state", "?")) for cid, c in list(self.server.calls.items()) if c.active]
+
+    async def transcribe_next_call(self) -> list[str]:
+        """Swap the recording on_call for the demo model's phone pipeline; returns the list that gets the texts."""
+        import io
+
+        from pipecat_nemotron import phone
+        from pipecat_nemotron.stt import NemotronSTTService
+
+        await NemotronSTTService.preload(model="demo", chunk_ms=160, device="cpu", max_streams=2)
+        texts: list[str] = []
+
+        class Out(io.StringIO):
+            def write(self, s):
+                for line in s.splitlines():
+                    if line.strip():
+                        texts.append(json.loads(line)["text"])
+                return len(s)
+
+        out = Out()
+
+        async def on_call(call):
+            stt = NemotronSTTService(model="demo", chunk_ms=160, device="cpu")
+            await phone.run_call(call, stt=stt, out=out)
+
+        self.server.on_call = on_call
+        return texts
+
+
+class SubprocessTarget:
+    """``serve-sip --model demo`` in a child process (through ``--serve-child``: the same ``phone.serve`` with the
+    fuzz run's short timers, plus a stats file with the server's call counts)."""
+
+    kind = "subprocess"
+
+    def __init__(self, workdir: Path, *, model: str = "demo", extra: list[str] | None = None):
+        self.workdir = workdir
+        self.model = model
+        self.extra = extra or []
+        self.proc: subprocess.Popen | None = None
+        self.log_path = workdir / "server.log"
+        self.out_path = workdir / "transcripts.jsonl"
+        self.stats_path = workdir / "stats.json"
+        self._log_offset = 0
+        self._pending = ""
+        self.errors: list[tuple[float, str]] = []
+
+    async def start(self) -> tuple[str, int]:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        for p in (self.log_path, self.out_path, self.stats_path):
+            p.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "tools.sip_fuzz", "--serve-child", str(self.stats_path), "--",
+               "--host", HOST, "--port", str(port), "--model", self.model, "--device", "cpu",
+               "--output", str(self.out_path), *self.extra]
+        self.command = " ".join(cmd)
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve-sip exited {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            if self.stats_path.exists():
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise RuntimeError("serve-sip did not start within 180 s")
+        return HOST, port
+
+    def poll_log(self, final: bool = False):
+        """Error records in the server's log since the last call: a record starts at a loguru timestamp line or at
+        an unindented "Traceback"/"Task exception was never retrieved"/"Exception in callback" line; it is an error
+        when it holds a traceback or is logged at ERROR/CRITICAL."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self._log_offset)
+                chunk = fh.read()
+        except OSError:
+            return
+        self._log_offset += len(chunk)
+        text = self._pending + chunk.decode("utf-8", errors="replace")
+        records, current = [], []
+        for line in text.split("\n"):
+            if _RECORD_START.match(line) and current:
+                records.append(current)
+                current = []
+            current.append(line)
+        if final:
+            records.append(current)
+            current = []
+        self._pending = "\n".join(current)
+        for record in records:
+            body = "\n".join(record)
+            if _ERROR_RECORD.search(body):
+                self.errors.append((time.monotonic(), body))
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def usage(self) -> tuple[int, int]:
+        return process_usage(self.proc.pid) if self.proc else (0, 0)
+
+    def call_state(self) -> dict:
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (OSError, ValueError):
+            return {"active_calls": -1, "calls": -1}
+
+    def settled(self) -> bool:
+        state = self.call_state()
+        return state.get("active_calls") == 0 and state.get("calls") == 0 and state.get("streams", 0) == 0
+
+    async def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def transcripts(self, call_id: str) -> list[str]:
+        texts = []
+        if self.out_path.exists():
+            for line in self.out_path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if row.get("call_id") == call_id:
+                    texts.append(row.get("text", ""))
+        return texts
+
+
+_RECORD_START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|Traceback \(most recent|Task exception was never "
+                           r"retrieved|Exception in callback|Unhandled exception|Fatal error)")
+_ERROR_RECORD = re.compile(r"Traceback \(most recent call last\)|^Task exception was never retrieved|"
+                           r"^Exception in callback|^\S+ \S+ \| (ERROR|CRITICAL) ", re.M)
+
+
+class RemoteTarget:
+    """A server someone else started: only liveness, the probe and the normal call can be checked (plus RSS/fds
+    when ``--target-pid`` says which process it is)."""
+
+    kind = "target"
+
+    def __init__(self, address: tuple[str, int], pid: int | None):
+        self.address, self.pid = address, pid
+        self.errors: list[tuple[float, str]] = []
+
+    async def start(self):
+        return self.address
+
+    def poll_log(self, final: bool = False):
+        pass
+
+    def alive(self) -> bool:
+        return self.pid is None or Path(f"/proc/{self.pid}").exists()
+
+    def usage(self):
+        return process_usage(self.pid) if self.pid else (0, 0)
+
+    def call_state(self):
+        return {}
+
+    def settled(self):
+        return True
+
+    async def stop(self):
+        pass
+
+
+def serve_child(stats_path: str, argv: list[str]) -> None:
+    """``--serve-child``: run phone.serve (what ``pipecat-nemotron serve-sip`` runs) with short timers and write
+    the server's call counts to ``stats_path`` twice a second."""
+    from loguru import logger
+
+    from pipecat_nemotron import phone
+
+    shorten_server_memory()
+    base_config = phone.SIPConfig
+    names = {f.name for f in dataclasses.fields(base_config)}
+    phone.SIPConfig = dataclasses.make_dataclass(
+        "ShortTimersSIPConfig", [(k, type(v), dataclasses.field(default=v))
+                                 for k, v in {**SHORT_TIMERS, **FUZZ_LIMITS}.items()
+                                 if k in names and k != "max_call_secs"], bases=(base_config,))
+    servers = []
+    base = phone.SIPServer
+
+    class Recorded(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            servers.append(self)
+
+    phone.SIPServer = Recorded
+    args = phone.parse_args(argv + ["--max-call-secs", str(SHORT_TIMERS["max_call_secs"])])
+    logger.remove()
+    logger.add(sys.stderr, level="INFO",
+               filter=lambda record: not record["name"].startswith("pipecat.") or record["level"].no >= 30)
+
+    async def report():
+        while True:
+            await asyncio.sleep(0.5)
+            if not servers:
+                continue
+            uas = getattr(servers[0], "uas", servers[0])
+            state = {"active_calls": uas.active_calls, "calls": len(uas.calls)}
+            for name in ("_tasks", "_streams", "_responses", "_client"):
+                value = getattr(uas, name, None)
+                if value is not None:
+                    state[name.strip("_")] = len(value)
+            tmp = stats_path + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(state, fh)
+            os.replace(tmp, stats_path)
+
+    async def main():
+        reporter = asyncio.get_running_loop().create_task(report())
+        try:
+            await phone.serve(args)
+        finally:
+            reporter.cancel()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+
+
+# --- a run -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    seed: int
+    inputs: int = 0
+    seconds: float = 0.0
+    mode: str = ""
+    namespace: bool = False
+    alive: bool = False
+    tracebacks: int = 0
+    error_signatures: dict = field(default_factory=dict)
+    rss_before: int = 0
+    rss_after: int = 0
+    rss_peak: int = 0
+    fds_before: int = 0
+    fds_after: int = 0
+    state_after: dict = field(default_factory=dict)
+    settled: bool = False
+    no_response: int = 0
+    stuck_invites: int = 0
+    probe_failures: int = 0
+    stalls: int = 0
+    bad_responses: int = 0
+    rtp_reflected: int = 0
+    normal_call: dict = field(default_factory=dict)
+    transcript: list = field(default_factory=list)
+    expected: str | None = None
+    fuzz_stats: dict = field(default_factory=dict)
+    statuses: dict = field(default_factory=dict)
+    mutators: dict = field(default_factory=dict)
+    new_findings: int = 0
+
+    rss_margin: int = 64 * 2**20
+    fd_margin: int = 8
+
+    def failures(self) -> list[str]:
+        out = []
+        if not self.alive:
+            out.append("server not alive")
+        if self.tracebacks:
+            out.append(f"{self.tracebacks} tracebacks: {sorted(self.error_signatures)[:8]}")
+        if self.rss_after and self.rss_after > self.rss_before * 1.25 + self.rss_margin:
+            out.append(f"RSS {self.rss_before / 2**20:.0f} → {self.rss_after / 2**20:.0f} MiB")
+        if self.fds_after and self.fds_after > self.fds_before + self.fd_margin:
+            out.append(f"open fds {self.fds_before} → {self.fds_after}")
+        if not self.settled:
+            out.append(f"calls/streams did not return to 0: {self.state_after}")
+        if self.no_response:
+            out.append(f"{self.no_response} requests without a response")
+        if self.stuck_invites:
+            out.append(f"{self.stuck_invites} INVITEs with 100 but no final response")
+        if self.probe_failures:
+            out.append(f"{self.probe_failures} OPTIONS probes unanswered")
+        if self.stalls:
+            out.append(f"{self.stalls} event-loop stalls")
+        if self.normal_call and not (self.normal_call.get("answered") and self.transcript):
+            out.append(f"normal call not completed/transcribed: {self.normal_call} {self.transcript}")
+        return out
+
+    def summary(self) -> str:
+        rate = self.inputs / self.seconds if self.seconds else 0
+        lines = [
+            f"sip_fuzz: {self.inputs} inputs in {self.seconds:.1f} s ({rate:.0f}/s), seed {self.seed}, {self.mode}, "
+            f"{'private loopback-only namespace' if self.namespace else 'host loopback (addresses forced to 127.0.0.1)'}",
+            f"  server alive: {self.alive}; tracebacks: {self.tracebacks} "
+            f"({len(self.error_signatures)} kinds); event-loop stalls: {self.stalls}; probes unanswered: "
+            f"{self.probe_failures}",
+            f"  RSS {self.rss_before / 2**20:.1f} → {self.rss_after / 2**20:.1f} MiB (peak {self.rss_peak / 2**20:.1f});"
+            f" fds {self.fds_before} → {self.fds_after}; after settling: {self.state_after}",
+            f"  no response: {self.no_response}; INVITE without final: {self.stuck_invites}; unparsable responses: "
+            f"{self.bad_responses}; RTP packets sent to fuzzed SDP addresses: {self.rtp_reflected}",
+            f"  fuzz: {self.fuzz_stats}",
+            f"  responses: {dict(sorted(self.statuses.items()))}",
+            f"  mutators: {dict(sorted(self.mutators.items()))}",
+        ]
+        if self.normal_call:
+            lines.append(f"  normal call: {self.normal_call}; transcript {self.transcript!r} "
+                         f"(expected {self.expected!r})")
+        for sig, count in sorted(self.error_signatures.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  traceback x{count}: {sig}")
+        failures = self.failures()
+        lines.append("  ORACLE: " + ("PASS" if not failures else "FAIL: " + "; ".join(failures)))
+        return "\n".join(lines)
+
+
+async def _probe(server: tuple[str, int], timeout: float = 3.0) -> int | None:
+    """A plain OPTIONS over UDP; the status of its response or None."""
+    from pipecat_nemotron.transports.sip.message import SIPResponse, parse_message
+
+    loop = asyncio.get_running_loop()
+    t, q = await loop.create_datagram_endpoint(_Queue, local_addr=(HOST, 0))
+    port = t.get_extra_info("sockname")[1]
+    branch = f"z9hG4bKprobe{time.monotonic_ns()}"
+    data = (f"OPTIONS sip:bot@{server[0]}:{server[1]} SIP/2.0\r\nVia: SIP/2.0/UDP {HOST}:{port};branch={branch};"
+            f"rport\r\nMax-Forwards: 70\r\nFrom: <sip:probe@{HOST}>;tag=probe\r\nTo: <sip:bot@{server[0]}>\r\n"
+            f"Call-ID: probe{time.monotonic_ns()}@fuzz\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n").encode()
+    try:
+        deadline = loop.time() + timeout
+        next_send = 0.0
+        while loop.time() < deadline:
+            if loop.time() >= next_send:
+                t.sendto(data, server)
+                next_send = loop.time() + 0.5
+            try:
+                raw, _ = await asyncio.wait_for(q.inbox.get(), 0.1)
+            except asyncio.TimeoutError:
+                continue
+            try:
+                message = parse_message(raw)
+            except Exception:
+                continue
+            if isinstance(message, SIPResponse):
+                return message.status
+        return None
+    finally:
+        t.close()
+
+
+async def _stall_watch(stalls: list, interval: float = 0.05, threshold: float = 0.75):
+    loop = asyncio.get_running_loop()
+    while True:
+        before = loop.time()
+        await asyncio.sleep(interval)
+        late = loop.time() - before - interval
+        if late > threshold:
+            stalls.append((time.monotonic(), late))
+
+
+async def replay_alone(transport: str, data: bytes, signature: str, wait: float = 0.3) -> bool:
+    """Send one input to a fresh in-process server; whether it produces an error with ``signature``."""
+    target = InProcessTarget()
+    address = await target.start()
+    try:
+        if transport == "UDP" and len(data) <= MAX_UDP:
+            loop = asyncio.get_running_loop()
+            t, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(HOST, 0))
+            t.sendto(data, address)
+            await asyncio.sleep(wait)
+            t.close()
+        else:
+            try:
+                reader, writer = await asyncio.open_connection(*address)
+            except OSError:
+                return False
+            writer.write(data)
+            await asyncio.sleep(wait)
+            writer.close()
+        await asyncio.sleep(0.05)
+        return any(traceback_signature(text) == signature for _, text in target.errors)
+    finally:
+        await target.stop()
+
+
+async def run(args) -> Report:
+    namespace = bool(getattr(args, "_namespace", False))
+    report = Report(seed=args.seed, namespace=namespace)
+    command = getattr(args, "_command", "tools.sip_fuzz")
+    findings = Findings(Path(args.findings) if args.findings else None, command)
+    if args.target:
+        host, _, port = args.target.rpartition(":")
+        target = RemoteTarget((host, int(port)), args.target_pid)
+    elif args.in_process:
+        target = InProcessTarget()
+    else:
+        import tempfile
+        target = SubprocessTarget(Path(tempfile.mkdtemp(prefix="sip_fuzz_")), model=args.model,
+                                  extra=args.server_arg)
+    report.mode = target.kind
+    address = await target.start()
+    fuzzer = Fuzzer(server=address, seed=args.seed, namespace=namespace, tcp_share=args.tcp_share,
+                    findings=findings)
+    await fuzzer.open()
+    stalls: list = []
+    watcher = asyncio.get_running_loop().create_task(_stall_watch(stalls))
+    seen_errors = 0
+    seen_stalls = 0
+    warmup = min(300, max(1, args.inputs // 20))
+    started = time.monotonic()
+    last_progress = started
+    quiet = args.quiet
+
+    def harvest():
+        nonlocal seen_errors, seen_stalls
+        poll = getattr(target, "poll_log", None)
+        if poll:
+            poll()
+        for _, text in target.errors[seen_errors:]:
+            sig = traceback_signature(text)
+            report.error_signatures[sig] = report.error_signatures.get(sig, 0) + 1
+            findings.add(sig, "traceback in the server's log", text,
+                         [(s.index, s.transport, s.data, s.mutators) for s in fuzzer.window], fuzzer.index)
+        seen_errors = len(target.errors)
+        for _, late in stalls[seen_stalls:]:
+            findings.add("event-loop stall", f"the event loop was blocked for {late:.2f} s", "",
+                         [(s.index, s.transport, s.data, s.mutators) for s in fuzzer.window], fuzzer.index)
+        seen_stalls = len(stalls)
+        for what, sent, method in fuzzer.check_due():
+            key = "no_response" if what == "no response" else "stuck_invites"
+            setattr(report, key, getattr(report, key) + 1)
+            first = sent.mutators[0].split(":")[0] if sent.mutators else "unmutated"
+            findings.add(f"{what}: {method} ({first})", f"{what} to a {method} over {sent.transport}", "",
+                         [(sent.index, sent.transport, sent.data, sent.mutators)], sent.index)
+
+    try:
+        for i in range(args.inputs):
+            await fuzzer.send_one()
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            await fuzzer.backpressure(harvest)
+            if args.rate:
+                await asyncio.sleep(1 / args.rate)
+            if i == warmup:
+                report.rss_before, report.fds_before = target.usage()
+            if i % 200 == 0:
+                harvest()
+                rss, _ = target.usage()
+                report.rss_peak = max(report.rss_peak, rss)
+                if not target.alive():
+                    break
+            if args.probe_every and i and i % args.probe_every == 0:
+                if await _probe(address) is None:
+                    report.probe_failures += 1
+                    findings.add("OPTIONS probe unanswered", "a plain OPTIONS got no response within 3 s", "",
+                                 [(s.index, s.transport, s.data, s.mutators) for s in fuzzer.window], fuzzer.index)
+            now = time.monotonic()
+            if not quiet and now - last_progress >= args.progress_secs:
+                last_progress = now
+                done = i + 1
+                rate = done / (now - started)
+                state = target.call_state()
+                print(f"[{now - started:7.1f}s] {done}/{args.inputs} inputs {rate:6.0f}/s  udp {fuzzer.stats['udp']}"
+                      f" tcp {fuzzer.stats['tcp']}  tracebacks {len(target.errors)}  no-resp {report.no_response}"
+                      f"  stuck {report.stuck_invites}  calls {state.get('active_calls', '?')}", file=sys.stderr,
+                      flush=True)
+        report.inputs = fuzzer.stats["inputs"]
+        report.seconds = time.monotonic() - started
+        if not report.rss_before:
+            report.rss_before, report.fds_before = target.usage()
+        # let answers arrive, then close our side and wait for the server's timers
+        await asyncio.sleep(2.5)
+        harvest()
+        if isinstance(target, SubprocessTarget):
+            target.poll_log(final=True)
+        await fuzzer.close()
+        deadline = time.monotonic() + args.settle
+        while time.monotonic() < deadline and not target.settled():
+            await asyncio.sleep(0.25)
+        await asyncio.sleep(0.5)
+        harvest()
+        report.settled = target.settled()
+        report.state_after = target.call_state()
+        for call_id, state in getattr(target, "stuck_calls", lambda: [])():
+            sent = fuzzer.invites.get(call_id)
+            findings.add(f"call stuck in state {state}", f"a call still {state} after settling ({args.settle:g} s;"
+                         " every timer had passed)", f"Call-ID {call_id}",
+                         [(sent.index, sent.transport, sent.data, sent.mutators)] if sent else [],
+                         sent.index if sent else fuzzer.index)
+        report.alive = target.alive() and await _probe(address) is not None
+        report.rss_after, report.fds_after = target.usage()
+        report.rss_peak = max(report.rss_peak, report.rss_after)
+        report.stalls = len(stalls)
+        report.bad_responses = fuzzer.bad_responses
+        report.rtp_reflected = fuzzer.sink.packets
+        report.fuzz_stats = dict(fuzzer.stats)
+        report.statuses = dict(fuzzer.status_counts)
+        report.mutators = dict(fuzzer.mutator_counts)
+        if not args.no_call and report.alive:
+            wav = Path(args.wav)
+            report.expected = expected_text(wav)
+            if isinstance(target, InProcessTarget):
+                texts = await target.transcribe_next_call()
+                report.normal_call = await normal_call(address, wav)
+                for _ in range(40):
+                    if texts:
+                        break
+                    await asyncio.sleep(0.25)
+                report.transcript = list(texts)
+            elif isinstance(target, SubprocessTarget):
+                report.normal_call = await normal_call(address, wav)
+                for _ in range(40):
+                    texts = target.transcripts(report.normal_call["call_id"])
+                    if texts:
+                        break
+                    await asyncio.sleep(0.25)
+                report.transcript = texts
+            else:
+                report.normal_call = await normal_call(address, wav)
+                report.transcript = ["(remote target: transcript not observable)"] if report.normal_call.get(
+                    "answered") else []
+            await asyncio.sleep(0.5)
+            harvest()
+    finally:
+        watcher.cancel()
+        await target.stop()
+    harvest()
+    report.tracebacks = len(target.errors)
+    if args.repro:
+        for finding in findings.by_signature.values():
+            if finding.what.startswith("traceback") and finding.inputs:
+                for _, transport, data, _ in reversed(finding.inputs[-args.repro:]):
+                    if await replay_alone(transport, data, finding.signature):
+                        finding.repro = (transport, data)
+                        break
+            elif finding.inputs and finding.what.startswith(("no response", "100 Trying")):
+                finding.repro = (finding.inputs[-1][1], finding.inputs[-1][2])
+    report.new_findings = findings.write()
+    return report
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m tools.sip_fuzz", description=__doc__.split("\n")[0])
+    parser.add_argument("--inputs", type=int, default=10_000, help="how many inputs to send")
+    parser.add_argument("--seed", type=int, default=1, help="the run is a function of the seed")
+    parser.add_argument("--target", default=None, help="HOST:PORT of a running server (default: spawn one)")
+    parser.add_argument("--target-pid", type=int, default=None, help="its process id, for RSS/fd sampling")
+    parser.add_argument("--in-process", action="store_true",
+                        help="SIPUserAgentServer in this process with a recording on_call (what CI runs)")
+    parser.add_argument("--model", default="demo", help="the spawned serve-sip's --model")
+    parser.add_argument("--server-arg", action="append", default=[], help="more serve-sip arguments (repeat)")
+    parser.add_argument("--tcp-share", type=float, default=0.25, help="share of inputs over TCP")
+    parser.add_argument("--rate", type=float, default=0, help="inputs/s cap (0: as fast as it goes)")
+    parser.add_argument("--probe-every", type=int, default=1000, help="a plain OPTIONS every N inputs (0: never)")
+    parser.add_argument("--settle", type=float, default=20.0, help="max seconds to wait for calls to end")
+    parser.add_argument("--wav", default=str(DEFAULT_WAV), help="the normal call's audio")
+    parser.add_argument("--no-call", action="store_true", help="skip the normal call at the end")
+    parser.add_argument("--findings", default="/tmp/sip_fuzz_findings.md", help="append new crash classes here "
+                        "('' for none)")
+    parser.add_argument("--repro", type=int, default=24,
+                        help="replay up to N inputs before each traceback alone to find one that reproduces it")
+    parser.add_argument("--host-network", action="store_true",
+                        help="do not enter a private namespace (fuzzed addresses are then forced to loopback)")
+    parser.add_argument("--label", default="", help="what server this is (goes into the findings file)")
+    parser.add_argument("--json", default=None, help="write the report as JSON here")
+    parser.add_argument("--progress-secs", type=float, default=5.0)
+    parser.add_argument("--quiet", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve-child"]:
+        rest = argv[2:]
+        serve_child(argv[1], rest[1:] if rest[:1] == ["--"] else rest)
+        return
+    args = parse_args(argv)
+    args._command = "python -m tools.sip_fuzz " + " ".join(argv)
+    if args.label:
+        args._command += f"` against {args.label} `"
+    else:
+        import pipecat_nemotron.transports.sip as sip_package
+        where = Path(sip_package.__file__).resolve().parent
+        try:
+            head = subprocess.run(["git", "-C", str(where), "log", "-1", "--format=%h"], capture_output=True,
+                                  text=True, timeout=5).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "."], capture_output=True,
+                                   text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            head, dirty = "", ""
+        args._command += f"` against {where} ({head or 'no git'}{', uncommitted changes' if dirty else ''}) `"
+    leave = None if args.host_network else enter_loopback_namespace()
+    args._namespace = leave is not None
+    if leave is None and not args.host_network:
+        print("sip_fuzz: no private network namespace (unshare not permitted): fuzzed c=/Route addresses are "
+              "forced to loopback", file=sys.stderr)
+    from loguru import logger
+    logger.remove()
+    logger.add(sys.stderr, level="CRITICAL")  # the server's errors are counted (and summarised), not printed
+    report = asyncio.run(run(args))
+    print(report.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(dataclasses.asdict(report), indent=1, default=str))
+    if report.new_findings:
+        print(f"  {report.new_findings} new finding(s) appended to {args.findings}")
+    sys.exit(0 if not report.failures() else 1)
+
+
+if __name__ == "__main__":
+    main()
