@@ -389,7 +389,8 @@ class Mutator:
 
     def drop_mandatory(self, t: Template) -> str:
         name = self.rng.choice(MANDATORY)
-        t.headers = [h for i, h in enumerate(t.headers) if i not in set(t.find(name))]
+        drop = set(t.find(name))
+        t.headers = [h for i, h in enumerate(t.headers) if i not in drop]
         return name
 
     def dup_mandatory(self, t: Template) -> str:
@@ -415,8 +416,7 @@ class Mutator:
         elif kind == "new":
             t.headers.insert(1, ["X-Fuzz", "b" * size])
         elif kind == "many":
-            for i in range(size // 20):
-                t.headers.insert(1, [f"X-F{i}", "v"])
+            t.headers[1:1] = [[f"X-F{i}", "v"] for i in range(size // 20)]
         elif kind == "via-params":
             vias = t.find("Via")
             if vias:
@@ -789,9 +789,10 @@ class Finding:
 
 
 class Findings:
-    def __init__(self, path: Path | None, command: str):
+    def __init__(self, path: Path | None, command: str, label: str = ""):
         self.path = path
         self.command = command
+        self.label = label
         self.by_signature: dict[str, Finding] = {}
 
     def add(self, signature: str, what: str, detail: str, inputs: list, index: int) -> bool:
@@ -826,7 +827,7 @@ class Findings:
                 transport, data, how = "-", b"", "no single input (an end-of-run check)"
             chunks.append(
                 f"\n## `{f.signature}`\n\n- found {stamp}, input #{f.first_index}, seen {f.count}x, by "
-                f"`{self.command}`\n- what: {f.what}\n- input ({how}):\n\n```python\n{bytes_literal(data)}\n```\n")
+                f"`{self.command}` against {self.label}\n- what: {f.what}\n- input ({how}):\n\n```python\n{bytes_literal(data)}\n```\n")
             if f.repro is None and len(f.inputs) > 1:
                 window = "\n".join(f"# #{i} {tr} {', '.join(m)}\n{bytes_literal(d, 600)}"
                                    for i, tr, d, m in f.inputs[-6:])
@@ -841,6 +842,11 @@ class Findings:
 def traceback_signature(text: str) -> str:
     """``ExceptionType at file:line in function`` of the innermost project frame of a traceback text."""
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text)
+    record = re.match(r"^\S+ \S+ \| (\w+) +\| ([\w.]+):(\w+):\d+ - (.*)", text)
+    if not frames and record:  # an ERROR record without a traceback: where it was logged and what it says
+        level, module, function, message = record.groups()
+        message = re.sub(r"#\d+|\d+", "N", message)[:90]
+        return f"{level} from {module.rsplit('.', 1)[-1]}.{function}: {message}"
     ours = [f for f in frames if "/transports/" in f[0] or "/plugin/" in f[0] or "pipecat_nemotron" in f[0]]
     frame = (ours or frames or [("?", "?", "?")])[-1]
     lines = [line for line in text.strip().splitlines() if line and not line.startswith(" ")]
@@ -934,7 +940,7 @@ class Fuzzer:
     """Generates, sends and tracks inputs against one server."""
 
     def __init__(self, *, server: tuple[str, int], seed: int, namespace: bool, udp_sockets: int = 16,
-                 tcp_share: float = 0.25, window: int = 48, findings: Findings | None = None):
+                 tcp_share: float = 0.25, window: int = 512, findings: Findings | None = None):
         self.server = server
         self.seed = seed
         self.rng = random.Random(seed)
@@ -1045,8 +1051,11 @@ class Fuzzer:
             info.answered = True
             self.dialogs[call_id] = info
             self.stats["dialogs_learnt"] += 1
-            if self.ack_rng.random() < 0.7:  # most answered calls get their ACK
-                self._ack(info, endpoint, transport)
+            if self.ack_rng.random() < 0.7:  # most answered calls get their ACK, and most of those a BYE soon:
+                self._ack(info, endpoint, transport)  # call slots free up for the next INVITEs' SDP to be read
+                if self.ack_rng.random() < 0.8:
+                    asyncio.get_running_loop().call_later(self.ack_rng.choice([0.05, 0.2, 0.6]), self._bye, info,
+                                                          endpoint, transport)
             while len(self.dialogs) > 64:
                 self.dialogs.pop(next(iter(self.dialogs)))
 
@@ -1067,15 +1076,26 @@ class Fuzzer:
         except Exception:
             pass
 
-    def _ack(self, dialog: Dialog, endpoint, transport: str):
+    def _ack(self, dialog: Dialog, endpoint, transport: str, method: str = "ACK"):
+        if self._closing or (transport == "TCP" and endpoint.closed):
+            return
         g = self.ack_grammar
-        t = g.request("ACK", local_port=endpoint.port, transport=transport, dialog=dialog, cseq=dialog.cseq,
+        if method == "BYE":
+            dialog.cseq += 1
+        t = g.request(method, local_port=endpoint.port, transport=transport, dialog=dialog, cseq=dialog.cseq,
                       body=None)
         data, _ = t.serialize()
-        if transport == "UDP":
-            endpoint.transport.sendto(data, self.server)
-        else:
-            endpoint.write(data)
+        try:
+            if transport == "UDP":
+                endpoint.transport.sendto(data, self.server)
+            else:
+                endpoint.write(data)
+        except Exception:
+            pass
+
+    def _bye(self, dialog: Dialog, endpoint, transport: str):
+        if self.dialogs.pop(dialog.call_id, None) is not None:
+            self._ack(dialog, endpoint, transport, "BYE")
 
     # -- inputs -------------------------------------------------------------------------------------
 
@@ -1455,6 +1475,7 @@ class InProcessTarget:
         self.server = None
         self.errors: list[tuple[float, str]] = []
         self.answered = 0
+        self.window_source = lambda: None  # the fuzzer's recent inputs, snapshotted with each error
         self._sink_id = None
         self._old_handler = None
 
@@ -1484,14 +1505,14 @@ class InProcessTarget:
         if record["exception"] is not None:
             exc = record["exception"]
             text += "\n" + "".join(traceback.format_exception(exc.type, exc.value, exc.traceback))
-        self.errors.append((time.monotonic(), text))
+        self.errors.append((time.monotonic(), text, self.window_source()))
 
     def _loop_error(self, loop, context):
         exc = context.get("exception")
         text = context.get("message", "")
         if exc is not None:
             text += "\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self.errors.append((time.monotonic(), text))
+        self.errors.append((time.monotonic(), text, self.window_source()))
 
     def alive(self) -> bool:
         return self.server is not None and getattr(self.server, "_transport", True) is not None
@@ -1784,6 +1805,7 @@ class Report:
     stuck_invites: int = 0
     probe_failures: int = 0
     stalls: int = 0
+    fuzzer_stalls: int = 0
     bad_responses: int = 0
     rtp_reflected: int = 0
     normal_call: dict = field(default_factory=dict)
@@ -1881,13 +1903,38 @@ async def _probe(server: tuple[str, int], timeout: float = 3.0) -> int | None:
 
 
 async def _stall_watch(stalls: list, interval: float = 0.05, threshold: float = 0.75):
+    """Record every time the event loop was blocked longer than ``threshold``, with the stack that blocked it
+    (sampled by a watchdog thread while the loop is stuck)."""
+    import threading
+
     loop = asyncio.get_running_loop()
-    while True:
-        before = loop.time()
-        await asyncio.sleep(interval)
-        late = loop.time() - before - interval
-        if late > threshold:
-            stalls.append((time.monotonic(), late))
+    loop_thread = threading.get_ident()
+    beat = [time.monotonic()]
+    stacks: list[str] = []
+    done = threading.Event()
+
+    def watchdog():
+        sampled_for = None
+        while not done.wait(0.1):
+            if time.monotonic() - beat[0] > threshold / 2 and sampled_for != beat[0]:
+                frame = sys._current_frames().get(loop_thread)
+                if frame is not None:
+                    sampled_for = beat[0]
+                    stacks.append("".join(traceback.format_stack(frame)))
+
+    thread = threading.Thread(target=watchdog, name="sip-fuzz-watchdog", daemon=True)
+    thread.start()
+    try:
+        while True:
+            before = loop.time()
+            beat[0] = time.monotonic()
+            stacks.clear()
+            await asyncio.sleep(interval)
+            late = loop.time() - before - interval
+            if late > threshold:
+                stalls.append((time.monotonic(), late, stacks[-1] if stacks else ""))
+    finally:
+        done.set()
 
 
 async def replay_alone(transport: str, data: bytes, signature: str, wait: float = 0.3) -> bool:
@@ -1910,8 +1957,77 @@ async def replay_alone(transport: str, data: bytes, signature: str, wait: float 
             await asyncio.sleep(wait)
             writer.close()
         await asyncio.sleep(0.05)
-        return any(traceback_signature(text) == signature for _, text in target.errors)
+        return any(traceback_signature(text) == signature for _, text, *_ in target.errors)
     finally:
+        await target.stop()
+
+
+async def replay_window(inputs: list, signature: str, wait: float = 0.05) -> int | None:
+    """Replay inputs in order on one fresh in-process server; the position of the one after which an error with
+    ``signature`` appeared, or None."""
+    target = InProcessTarget()
+    address = await target.start()
+    loop = asyncio.get_running_loop()
+    udp, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(HOST, 0))
+    try:
+        for position, (_, transport, data, _) in enumerate(inputs):
+            if transport == "UDP" and len(data) <= MAX_UDP:
+                udp.sendto(data, address)
+            else:
+                try:
+                    _, writer = await asyncio.open_connection(*address)
+                    writer.write(data)
+                    loop.call_later(0.5, writer.close)
+                except OSError:
+                    pass
+            await asyncio.sleep(wait)
+            if any(traceback_signature(text) == signature for _, text, *_ in target.errors):
+                return position
+        return None
+    finally:
+        udp.close()
+        await target.stop()
+
+
+async def replay_stuck(transport: str, data: bytes, wait: float = 4.0) -> bool:
+    """Whether an INVITE alone leaves a call active on a fresh in-process server after its timers have passed."""
+    target = InProcessTarget()
+    address = await target.start()
+    loop = asyncio.get_running_loop()
+    t, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(HOST, 0))
+    try:
+        if transport == "UDP" and len(data) <= MAX_UDP:
+            t.sendto(data, address)
+        else:
+            try:
+                _, writer = await asyncio.open_connection(*address)
+                writer.write(data)
+            except OSError:
+                return False
+        await asyncio.sleep(wait)
+        return bool(target.stuck_calls())
+    finally:
+        t.close()
+        await target.stop()
+
+
+async def replay_unanswered(data: bytes, wait: float = 1.5) -> bool:
+    """Whether a UDP input (with rport in its Via) still gets no response from a fresh in-process server."""
+    if b"rport" not in data[:2000]:
+        return False
+    target = InProcessTarget()
+    address = await target.start()
+    loop = asyncio.get_running_loop()
+    t, q = await loop.create_datagram_endpoint(_Queue, local_addr=(HOST, 0))
+    try:
+        t.sendto(data, address)
+        try:
+            await asyncio.wait_for(q.inbox.get(), wait)
+            return False
+        except asyncio.TimeoutError:
+            return True
+    finally:
+        t.close()
         await target.stop()
 
 
@@ -1919,7 +2035,7 @@ async def run(args) -> Report:
     namespace = bool(getattr(args, "_namespace", False))
     report = Report(seed=args.seed, namespace=namespace)
     command = getattr(args, "_command", "tools.sip_fuzz")
-    findings = Findings(Path(args.findings) if args.findings else None, command)
+    findings = Findings(Path(args.findings) if args.findings else None, command, args.label or "this tree")
     if args.target:
         host, _, port = args.target.rpartition(":")
         target = RemoteTarget((host, int(port)), args.target_pid)
@@ -1943,20 +2059,36 @@ async def run(args) -> Report:
     last_progress = started
     quiet = args.quiet
 
+    def recent(n: int = 512):
+        return [(s.index, s.transport, s.data, s.mutators) for s in list(fuzzer.window)[-n:]]
+
+    if isinstance(target, InProcessTarget):
+        target.window_source = lambda: recent(64)  # the error is seen as it happens: the last inputs hold it
+
     def harvest():
         nonlocal seen_errors, seen_stalls
         poll = getattr(target, "poll_log", None)
         if poll:
             poll()
-        for _, text in target.errors[seen_errors:]:
+        for error in target.errors[seen_errors:]:
+            text = error[1]
+            window = error[2] if len(error) > 2 and error[2] is not None else recent()
             sig = traceback_signature(text)
             report.error_signatures[sig] = report.error_signatures.get(sig, 0) + 1
-            findings.add(sig, "traceback in the server's log", text,
-                         [(s.index, s.transport, s.data, s.mutators) for s in fuzzer.window], fuzzer.index)
+            findings.add(sig, "traceback in the server's log", text, window, fuzzer.index)
         seen_errors = len(target.errors)
-        for _, late in stalls[seen_stalls:]:
-            findings.add("event-loop stall", f"the event loop was blocked for {late:.2f} s", "",
-                         [(s.index, s.transport, s.data, s.mutators) for s in fuzzer.window], fuzzer.index)
+        for _, late, stack in stalls[seen_stalls:]:
+            frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', stack)
+            inner = frames[-1] if frames else None
+            if inner and "sip_fuzz" in inner[0]:  # the fuzzer's own work: not the server's fault
+                report.fuzzer_stalls += 1
+                print(f"sip_fuzz: the fuzzer itself blocked the loop {late:.2f} s at {inner[1]} {inner[2]}",
+                      file=sys.stderr)
+                continue
+            report.stalls += 1
+            where = f" in {Path(inner[0]).name}:{inner[1]} {inner[2]}" if inner else ""
+            findings.add(f"event-loop stall{where}", f"the event loop was blocked for {late:.2f} s",
+                         "stack while blocked:\n" + stack, recent(64), fuzzer.index)
         seen_stalls = len(stalls)
         for what, sent, method in fuzzer.check_due():
             key = "no_response" if what == "no response" else "stuck_invites"
@@ -1975,7 +2107,7 @@ async def run(args) -> Report:
                 await asyncio.sleep(1 / args.rate)
             if i == warmup:
                 report.rss_before, report.fds_before = target.usage()
-            if i % 200 == 0:
+            if i % 200 == 0 or (i % 25 == 0 and isinstance(target, SubprocessTarget)):
                 harvest()
                 rss, _ = target.usage()
                 report.rss_peak = max(report.rss_peak, rss)
@@ -1985,7 +2117,7 @@ async def run(args) -> Report:
                 if await _probe(address) is None:
                     report.probe_failures += 1
                     findings.add("OPTIONS probe unanswered", "a plain OPTIONS got no response within 3 s", "",
-                                 [(s.index, s.transport, s.data, s.mutators) for s in fuzzer.window], fuzzer.index)
+                                 recent(), fuzzer.index)
             now = time.monotonic()
             if not quiet and now - last_progress >= args.progress_secs:
                 last_progress = now
@@ -2022,7 +2154,6 @@ async def run(args) -> Report:
         report.alive = target.alive() and await _probe(address) is not None
         report.rss_after, report.fds_after = target.usage()
         report.rss_peak = max(report.rss_peak, report.rss_after)
-        report.stalls = len(stalls)
         report.bad_responses = fuzzer.bad_responses
         report.rtp_reflected = fuzzer.sink.packets
         report.fuzz_stats = dict(fuzzer.stats)
@@ -2061,12 +2192,22 @@ async def run(args) -> Report:
     if args.repro:
         for finding in findings.by_signature.values():
             if finding.what.startswith("traceback") and finding.inputs:
-                for _, transport, data, _ in reversed(finding.inputs[-args.repro:]):
+                window = finding.inputs[-args.repro:]
+                culprit = await replay_window(window, finding.signature,
+                                              wait=0.05 if len(window) <= 64 else 0.02)
+                if culprit is not None:
+                    finding.inputs = window[:culprit + 1]
+                    _, transport, data, _ = window[culprit]
                     if await replay_alone(transport, data, finding.signature):
                         finding.repro = (transport, data)
-                        break
+            elif finding.inputs and finding.signature.startswith("call stuck"):
+                _, transport, data, _ = finding.inputs[-1]
+                if await replay_stuck(transport, data):
+                    finding.repro = (transport, data)
             elif finding.inputs and finding.what.startswith(("no response", "100 Trying")):
-                finding.repro = (finding.inputs[-1][1], finding.inputs[-1][2])
+                _, transport, data, _ = finding.inputs[-1]
+                if transport == "UDP" and await replay_unanswered(data):
+                    finding.repro = (transport, data)
     report.new_findings = findings.write()
     return report
 
@@ -2089,7 +2230,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-call", action="store_true", help="skip the normal call at the end")
     parser.add_argument("--findings", default="/tmp/sip_fuzz_findings.md", help="append new crash classes here "
                         "('' for none)")
-    parser.add_argument("--repro", type=int, default=24,
+    parser.add_argument("--repro", type=int, default=512,
                         help="replay up to N inputs before each traceback alone to find one that reproduces it")
     parser.add_argument("--host-network", action="store_true",
                         help="do not enter a private namespace (fuzzed addresses are then forced to loopback)")
@@ -2108,9 +2249,7 @@ def main(argv=None):
         return
     args = parse_args(argv)
     args._command = "python -m tools.sip_fuzz " + " ".join(argv)
-    if args.label:
-        args._command += f"` against {args.label} `"
-    else:
+    if not args.label:
         import pipecat_nemotron.transports.sip as sip_package
         where = Path(sip_package.__file__).resolve().parent
         try:
@@ -2120,7 +2259,7 @@ def main(argv=None):
                                    text=True, timeout=5).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             head, dirty = "", ""
-        args._command += f"` against {where} ({head or 'no git'}{', uncommitted changes' if dirty else ''}) `"
+        args.label = f"{where} ({head or 'no git'}{', with uncommitted changes' if dirty else ''})"
     leave = None if args.host_network else enter_loopback_namespace()
     args._namespace = leave is not None
     if leave is None and not args.host_network:
