@@ -149,6 +149,7 @@ class Dialog:
     transport: str
     answered: bool = False
     born: float = 0.0
+    rtp: tuple | None = None  # the server's RTP address from its SDP answer
 
 
 @dataclass
@@ -758,6 +759,50 @@ def garbage_input(rng: random.Random) -> tuple[bytes, str]:
     return b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", kind
 
 
+def rtp_junk(rng: random.Random) -> tuple[str, list[bytes]]:
+    """(kind, packets): RTP for a live call, from plausible to broken."""
+    def header(v=2, p=0, x=0, cc=0, m=0, pt=0, seq=None, ts=None, ssrc=None):
+        return struct.pack("!BBHII", (v << 6) | (p << 5) | (x << 4) | cc, (m << 7) | pt,
+                           rng.randrange(65536) if seq is None else seq, rng.getrandbits(32) if ts is None else ts,
+                           rng.getrandbits(32) if ssrc is None else ssrc)
+    kind = rng.choice(["audio", "audio-burst", "version", "csrc", "extension", "padding", "short", "rtcp", "dtmf",
+                       "dtmf-short", "huge", "empty", "pt", "seq-jump", "cn"])
+    if kind == "audio":
+        return kind, [header(pt=rng.choice([0, 8])) + rng.randbytes(160)]
+    if kind == "audio-burst":
+        seq, ts, ssrc = rng.randrange(65536), rng.getrandbits(32), rng.getrandbits(32)
+        return kind, [header(pt=0, seq=(seq + i) & 0xFFFF, ts=(ts + 160 * i) & 0xFFFFFFFF, ssrc=ssrc)
+                      + rng.randbytes(160) for i in rng.sample(range(20), 20)]
+    if kind == "version":
+        return kind, [header(v=rng.choice([0, 1, 3])) + rng.randbytes(160)]
+    if kind == "csrc":
+        return kind, [header(cc=15) + rng.randbytes(rng.choice([0, 4, 59, 60, 61]))]
+    if kind == "extension":
+        return kind, [header(x=1) + struct.pack("!HH", 0xBEDE, rng.choice([0, 1, 0xFFFF])) + rng.randbytes(8)]
+    if kind == "padding":
+        body = rng.randbytes(rng.choice([0, 1, 10, 160]))
+        return kind, [header(p=1) + body + bytes([rng.choice([0, 1, 200, 255])])]
+    if kind == "short":
+        return kind, [header()[:rng.randrange(12)]]
+    if kind == "rtcp":
+        return kind, [bytes([0x80, rng.randrange(200, 205)]) + rng.randbytes(30)]
+    if kind == "dtmf":
+        return kind, [header(pt=101) + bytes([rng.randrange(256), rng.choice([0x0A, 0x8A]), 0, 160])
+                      for _ in range(3)]
+    if kind == "dtmf-short":
+        return kind, [header(pt=101) + rng.randbytes(rng.randrange(4))]
+    if kind == "huge":
+        return kind, [header(pt=0) + rng.randbytes(rng.choice([1400, 8000, 60000]))]
+    if kind == "empty":
+        return kind, [b""]
+    if kind == "pt":
+        return kind, [header(pt=rng.randrange(128)) + rng.randbytes(rng.choice([0, 1, 160]))]
+    if kind == "seq-jump":
+        ssrc = rng.getrandbits(32)
+        return kind, [header(pt=0, seq=s, ssrc=ssrc) + rng.randbytes(160) for s in (0, 65535, 32768, 1, 40000)]
+    return kind, [header(pt=13) + rng.randbytes(rng.choice([0, 1, 10]))]
+
+
 # --- findings -------------------------------------------------------------------------------------------------------
 
 def bytes_literal(data: bytes, limit: int = 4000) -> str:
@@ -1016,10 +1061,7 @@ class Fuzzer:
             self.stats["server_requests"] += 1
             self.dialogs.pop(message.call_id, None)
             if message.method != "ACK":
-                reply = "SIP/2.0 200 OK\r\n" + "".join(
-                    f"{k}: {v}\r\n" for k, v in message.headers if k in ("Via", "From", "To", "Call-ID", "CSeq")
-                ) + "Content-Length: 0\r\n\r\n"
-                self._send_back(reply.encode(), transport, endpoint, addr)
+                self._send_back(self._reply(message), transport, endpoint, addr)
             return
         assert isinstance(message, SIPResponse)
         self.stats["responses"] += 1
@@ -1048,6 +1090,13 @@ class Fuzzer:
             return
         self.pending_invites.pop(call_id, None)
         if 200 <= message.status < 300 and to_tag and call_id not in self.dialogs:
+            try:
+                from pipecat_nemotron.transports.sip.sdp import parse_sdp
+                answer = parse_sdp(message.body)
+                media = next(m for m in answer.media if m.port)
+                info.rtp = (media.connection or answer.connection, media.port)
+            except Exception:
+                pass
             info.answered = True
             self.dialogs[call_id] = info
             self.stats["dialogs_learnt"] += 1
@@ -1058,6 +1107,22 @@ class Fuzzer:
                                                           endpoint, transport)
             while len(self.dialogs) > 64:
                 self.dialogs.pop(next(iter(self.dialogs)))
+
+    def _reply(self, request) -> bytes:
+        """Our answer to the server's own request (its BYE): mostly a 200, sometimes a broken response, which
+        exercises the server's response path (client transactions)."""
+        rng = self.ack_rng
+        rng_status = rng.choice(["200 OK"] * 6 + ["100 Trying", "481 Gone", "999 Odd", "2000 X", "²00 OK", "200"])
+        headers = [[k, v] for k, v in request.headers if k in ("Via", "From", "To", "Call-ID", "CSeq")]
+        self.stats["responses_fuzzed"] = self.stats.get("responses_fuzzed", 0) + 1
+        if rng.random() < 0.4 and headers:
+            h = rng.choice(headers)
+            h[1] = rng.choice(["", "²", absurd_number(rng), h[1] + "\x00", "1 BYE", f"{absurd_number(rng)} BYE",
+                               "SIP/2.0/UDP [::1", h[1] + "a" * 2000])
+        if rng.random() < 0.2 and headers:
+            headers.pop(rng.randrange(len(headers)))
+        text = f"SIP/2.0 {rng_status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+        return (text + "Content-Length: 0\r\n\r\n").encode("utf-8", errors="surrogatepass")
 
     def _answered(self, branch: str, method: str, status: int):
         self.due.pop((branch, method), None)
@@ -1172,6 +1237,10 @@ class Fuzzer:
     async def send_one(self) -> Sent:
         rng = self.rng
         self.index += 1
+        rtp_draw, rtp_pick = rng.random(), rng.random()
+        with_media = [d for d in self.dialogs.values() if d.rtp and d.rtp[0] == HOST]
+        if rtp_draw < 0.04 and with_media:
+            return self._send_rtp(with_media[int(rtp_pick * len(with_media))])
         use_tcp = rng.random() < self.tcp_share
         if use_tcp:
             return await self._send_tcp()
@@ -1189,6 +1258,25 @@ class Fuzzer:
         self.stats["udp"] += 1
         self.stats["inputs"] += 1
         self._track_due(sent, ep.port)
+        return sent
+
+    def _send_rtp(self, dialog: Dialog) -> Sent:
+        """A burst of RTP, valid and broken, at the server's RTP port of a live call: from the address our SDP
+        named (it may be latched) or from a third address (it must be ignored)."""
+        rng = self.rng
+        kind, packets = rtp_junk(rng)
+        third = rng.random() < 0.3
+        transport = self.udp[0].transport if third else self._sink_transport
+        for packet in packets:
+            try:
+                transport.sendto(packet, dialog.rtp)
+            except OSError:
+                pass
+        sent = Sent(self.index, "RTP", b"".join(packets[:1]), [f"rtp:{kind}{':third-address' if third else ''}"])
+        self.window.append(sent)
+        self.stats["rtp"] = self.stats.get("rtp", 0) + 1
+        self.stats["inputs"] += 1
+        self.mutator_counts["rtp"] = self.mutator_counts.get("rtp", 0) + 1
         return sent
 
     def _remember_invite(self, sent: Sent):
@@ -1298,6 +1386,20 @@ class Fuzzer:
             if now - dialog.born > 20:
                 del self.dialogs[call_id]
         return late
+
+
+def offline_inputs(seed: int, count: int, *, namespace: bool = True) -> list[tuple[str, bytes, list[str]]]:
+    """The first ``count`` generated requests of a seed without any server (fixed ports, no dialogs learnt):
+    (transport, bytes, mutators). Two calls with the same seed return the same list."""
+    fuzzer = Fuzzer(server=(HOST, 5060), seed=seed, namespace=namespace)
+    fuzzer.grammar = Grammar(fuzzer.rng, fuzzer.server, 30000)
+    fuzzer.mutator.sink_port = 30000
+    out = []
+    for i in range(count):
+        transport = "TCP" if fuzzer.rng.random() < fuzzer.tcp_share else "UDP"
+        data, names, _, _ = fuzzer.build(40000 + i % 16, transport)
+        out.append((transport, data, names))
+    return out
 
 
 # --- the normal call ------------------------------------------------------------------------------------------------
@@ -2235,6 +2337,7 @@ def parse_args(argv=None):
     parser.add_argument("--host-network", action="store_true",
                         help="do not enter a private namespace (fuzzed addresses are then forced to loopback)")
     parser.add_argument("--label", default="", help="what server this is (goes into the findings file)")
+    parser.add_argument("--dump", type=int, default=0, help="print the first N generated inputs (no server) and exit")
     parser.add_argument("--json", default=None, help="write the report as JSON here")
     parser.add_argument("--progress-secs", type=float, default=5.0)
     parser.add_argument("--quiet", action="store_true")
@@ -2248,6 +2351,10 @@ def main(argv=None):
         serve_child(argv[1], rest[1:] if rest[:1] == ["--"] else rest)
         return
     args = parse_args(argv)
+    if args.dump:
+        for i, (transport, data, names) in enumerate(offline_inputs(args.seed, args.dump), 1):
+            print(f"# {i} {transport} {', '.join(names) or 'unmutated'}\n{bytes_literal(data, 2000)}")
+        return
     args._command = "python -m tools.sip_fuzz " + " ".join(argv)
     if not args.label:
         import pipecat_nemotron.transports.sip as sip_package
