@@ -1554,17 +1554,37 @@ def short_config(**overrides):
 
 
 def shorten_server_memory():
-    """The server keeps responses and ended calls for 32 s; the fuzz run waits 2 s (where the constant exists)."""
+    """The server keeps responses and ended calls for 32 s; the fuzz run waits 2 s (where the constant exists).
+    Returns a function that puts the original values back (servers started meanwhile keep the short ones)."""
     import importlib
+    saved = []
     for module in ("pipecat_nemotron.transports.sip.uas", "pipecat_nemotron.transports.sip.config",
-                   "pipecat_nemotron.transports.sip.transactions"):
+                   "pipecat_nemotron.transports.sip.transaction", "pipecat_nemotron.transports.sip.dialog"):
         try:
             mod = importlib.import_module(module)
         except ImportError:
             continue
         for name in ("RESPONSE_CACHE_SECS", "CALL_MEMORY_SECS", "TRANSACTION_SECS"):
             if hasattr(mod, name):
+                saved.append((mod, name, getattr(mod, name)))
                 setattr(mod, name, SHORT_CACHE_SECS)
+
+    def restore():
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+    return restore
+
+
+def server_state(uas) -> dict:
+    """Calls, tasks, TCP streams, cached responses of a SIPUserAgentServer (whatever this tree's layout is)."""
+    state = {"active_calls": uas.active_calls, "calls": len(uas.calls)}
+    for owner in (uas, getattr(uas, "wire", None), getattr(uas, "transactions", None)):
+        for name in ("_tasks", "_streams", "_responses", "_client", "_table", "_per_source"):
+            value = getattr(owner, name, None) if owner is not None else None
+            if isinstance(value, (dict, set, list)):
+                key = name.strip("_")
+                state[key] = state.get(key, 0) + len(value)
+    return state
 
 
 class InProcessTarget:
@@ -1586,7 +1606,7 @@ class InProcessTarget:
 
         from pipecat_nemotron.transports.sip import SIPUserAgentServer
 
-        shorten_server_memory()
+        restore = shorten_server_memory()
         loop = asyncio.get_running_loop()
         self._old_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._loop_error)
@@ -1597,7 +1617,10 @@ class InProcessTarget:
             self.answered += 1
             await call.ended.wait()
 
-        self.server = SIPUserAgentServer(config=short_config(**self.config), on_call=on_call)
+        try:
+            self.server = SIPUserAgentServer(config=short_config(**self.config), on_call=on_call)
+        finally:
+            restore()  # the constants are read when the server is built; other servers in this process keep theirs
         await self.server.start()
         return HOST, self.server.port
 
@@ -1623,13 +1646,7 @@ class InProcessTarget:
         return process_usage()
 
     def call_state(self) -> dict:
-        s = self.server
-        state = {"active_calls": s.active_calls, "calls": len(s.calls)}
-        for name in ("_tasks", "_streams", "_responses", "_client"):
-            value = getattr(s, name, None)
-            if value is not None:
-                state[name.strip("_")] = len(value)
-        return state
+        return server_state(self.server)
 
     def settled(self) -> bool:
         state = self.call_state()
@@ -1860,12 +1877,7 @@ def serve_child(stats_path: str, argv: list[str]) -> None:
             await asyncio.sleep(0.5)
             if not servers:
                 continue
-            uas = getattr(servers[0], "uas", servers[0])
-            state = {"active_calls": uas.active_calls, "calls": len(uas.calls)}
-            for name in ("_tasks", "_streams", "_responses", "_client"):
-                value = getattr(uas, name, None)
-                if value is not None:
-                    state[name.strip("_")] = len(value)
+            state = server_state(getattr(servers[0], "uas", servers[0]))
             tmp = stats_path + ".tmp"
             with open(tmp, "w") as fh:
                 json.dump(state, fh)
@@ -2149,6 +2161,8 @@ async def run(args) -> Report:
                                   extra=args.server_arg)
     report.mode = target.kind
     address = await target.start()
+    await asyncio.sleep(0.2)
+    _, fds_idle = target.usage()  # the server's own fds before any input (ours are closed again before "after")
     fuzzer = Fuzzer(server=address, seed=args.seed, namespace=namespace, tcp_share=args.tcp_share,
                     findings=findings)
     await fuzzer.open()
@@ -2207,8 +2221,8 @@ async def run(args) -> Report:
             await fuzzer.backpressure(harvest)
             if args.rate:
                 await asyncio.sleep(1 / args.rate)
-            if i == warmup:
-                report.rss_before, report.fds_before = target.usage()
+            if i == warmup:  # RSS once imports and first calls have warmed up
+                report.rss_before, report.fds_before = target.usage()[0], fds_idle
             if i % 200 == 0 or (i % 25 == 0 and isinstance(target, SubprocessTarget)):
                 harvest()
                 rss, _ = target.usage()
@@ -2233,7 +2247,7 @@ async def run(args) -> Report:
         report.inputs = fuzzer.stats["inputs"]
         report.seconds = time.monotonic() - started
         if not report.rss_before:
-            report.rss_before, report.fds_before = target.usage()
+            report.rss_before, report.fds_before = target.usage()[0], fds_idle
         # let answers arrive, then close our side and wait for the server's timers
         await asyncio.sleep(2.5)
         harvest()
