@@ -1920,6 +1920,7 @@ class Report:
     probe_failures: int = 0
     stalls: int = 0
     fuzzer_stalls: int = 0
+    slow_kept_open: int = 0
     bad_responses: int = 0
     rtp_reflected: int = 0
     normal_call: dict = field(default_factory=dict)
@@ -1953,6 +1954,8 @@ class Report:
             out.append(f"{self.probe_failures} OPTIONS probes unanswered")
         if self.stalls:
             out.append(f"{self.stalls} event-loop stalls")
+        if self.slow_kept_open:
+            out.append(f"{self.slow_kept_open} slow TCP connections not timed out")
         if self.normal_call and not (self.normal_call.get("answered") and self.transcript):
             out.append(f"normal call not completed/transcribed: {self.normal_call} {self.transcript}")
         return out
@@ -1967,8 +1970,9 @@ class Report:
             f"{self.probe_failures}",
             f"  RSS {self.rss_before / 2**20:.1f} → {self.rss_after / 2**20:.1f} MiB (peak {self.rss_peak / 2**20:.1f});"
             f" fds {self.fds_before} → {self.fds_after}; after settling: {self.state_after}",
-            f"  no response: {self.no_response}; INVITE without final: {self.stuck_invites}; unparsable responses: "
-            f"{self.bad_responses}; RTP packets sent to fuzzed SDP addresses: {self.rtp_reflected}",
+            f"  slow TCP connections still open at the end: {self.slow_kept_open}; "
+            f"no response: {self.no_response}; INVITE without final: {self.stuck_invites}; unparsable responses: "
+            f"{self.bad_responses}; RTP packets from the server at our SDP address: {self.rtp_reflected}",
             f"  fuzz: {self.fuzz_stats}",
             f"  responses: {dict(sorted(self.statuses.items()))}",
             f"  mutators: {dict(sorted(self.mutators.items()))}",
@@ -2076,6 +2080,57 @@ async def replay_alone(transport: str, data: bytes, signature: str, wait: float 
         await target.stop()
 
 
+SLOW_KINDS = ("a request head cut short", "a head without its blank line", "a body short of its Content-Length",
+              "a flood of CRLF keep-alives (50/s)", "one CRLF every 0.1 s", "a request head one byte a second")
+
+
+async def slow_connections_check(address: tuple[str, int], seconds: float) -> list[str]:
+    """Open 6 slow TCP connections the server should time out or close (see SLOW_KINDS) and return the kinds it
+    still holds open after ``seconds``. (A CRLF keep-alive every few seconds is legitimate and not tried.)"""
+    head = (f"OPTIONS sip:bot@{address[0]} SIP/2.0\r\nVia: SIP/2.0/TCP {HOST}:9;branch=z9hG4bKslow\r\n"
+            f"From: <sip:slow@{HOST}>;tag=1\r\nTo: <sip:bot@{HOST}>\r\nCall-ID: slow@fuzz\r\nCSeq: 1 OPTIONS\r\n")
+    feeds = [head[:40].encode(), head[:-2].encode(), (head + "Content-Length: 100\r\n\r\nv=0\r\n").encode(),
+             b"\r\n\r\n", b"\r\n", head.encode()[:1]]
+    conns = []
+    for feed in feeds:
+        try:
+            reader, writer = await asyncio.open_connection(*address)
+        except OSError:
+            continue
+        writer.write(feed)
+        conns.append((reader, writer))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    trickle = 0
+    while loop.time() < deadline:  # keep the CRLF and one-byte connections trickling
+        await asyncio.sleep(0.1)
+        trickle += 1
+        for i, (reader, writer) in enumerate(conns):
+            if writer.is_closing():
+                continue
+            try:
+                if i == 3:
+                    writer.write(b"\r\n\r\n" * 5)
+                elif i == 4:
+                    writer.write(b"\r\n")
+                elif i == 5 and trickle % 10 == 0:
+                    writer.write(head.encode()[trickle // 10:trickle // 10 + 1])
+            except (ConnectionError, OSError):
+                pass
+    still_open = []
+    for kind, (reader, writer) in zip(SLOW_KINDS, conns):
+        try:
+            data = await asyncio.wait_for(reader.read(65536), 0.05)
+            while data:  # a 400/408 may come before the close
+                data = await asyncio.wait_for(reader.read(65536), 0.05)
+        except asyncio.TimeoutError:
+            still_open.append(kind)
+        except (ConnectionError, OSError):
+            pass
+        writer.close()
+    return still_open
+
+
 async def replay_window(inputs: list, signature: str, wait: float = 0.05) -> int | None:
     """Replay inputs in order on one fresh in-process server; the position of the one after which an error with
     ``signature`` appeared, or None."""
@@ -2160,6 +2215,8 @@ async def run(args) -> Report:
         target = SubprocessTarget(Path(tempfile.mkdtemp(prefix="sip_fuzz_")), model=args.model,
                                   extra=args.server_arg)
     report.mode = target.kind
+    if args.slow_check is None:  # the fuzz config's tcp_message_secs plus a margin, or production's for --target
+        args.slow_check = 15.0 if args.target else FUZZ_LIMITS["tcp_message_secs"] * 1.5 + 1
     address = await target.start()
     await asyncio.sleep(0.2)
     _, fds_idle = target.usage()  # the server's own fds before any input (ours are closed again before "after")
@@ -2254,6 +2311,14 @@ async def run(args) -> Report:
         if isinstance(target, SubprocessTarget):
             target.poll_log(final=True)
         await fuzzer.close()
+        if args.slow_check:
+            slow = await slow_connections_check(address, args.slow_check)
+            report.slow_kept_open = len(slow)
+            for kind in slow:
+                findings.add(f"slow TCP connection kept open: {kind}",
+                             f"a TCP connection sending {kind} was still open after {args.slow_check:g} s "
+                             f"(the fuzz config's tcp_message_secs is {FUZZ_LIMITS['tcp_message_secs']:g} s, "
+                             f"tcp_idle_secs {FUZZ_LIMITS['tcp_idle_secs']:g} s)", "", [], fuzzer.index)
         deadline = time.monotonic() + args.settle
         while time.monotonic() < deadline and not target.settled():
             await asyncio.sleep(0.25)
@@ -2341,6 +2406,10 @@ def parse_args(argv=None):
     parser.add_argument("--tcp-share", type=float, default=0.25, help="share of inputs over TCP")
     parser.add_argument("--rate", type=float, default=0, help="inputs/s cap (0: as fast as it goes)")
     parser.add_argument("--probe-every", type=int, default=1000, help="a plain OPTIONS every N inputs (0: never)")
+    parser.add_argument("--slow-check", type=float, default=None,
+                        help="seconds within which slow TCP connections must be closed by the server (0: skip; "
+                        f"default {FUZZ_LIMITS['tcp_message_secs'] + FUZZ_LIMITS['tcp_message_secs'] / 2 + 1:g} for a "
+                        "server this script starts, 15 for --target)")
     parser.add_argument("--settle", type=float, default=20.0, help="max seconds to wait for calls to end")
     parser.add_argument("--wav", default=str(DEFAULT_WAV), help="the normal call's audio")
     parser.add_argument("--no-call", action="store_true", help="skip the normal call at the end")
