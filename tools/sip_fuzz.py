@@ -894,6 +894,8 @@ def traceback_signature(text: str) -> str:
         return f"{level} from {module.rsplit('.', 1)[-1]}.{function}: {message}"
     ours = [f for f in frames if "/transports/" in f[0] or "/plugin/" in f[0] or "pipecat_nemotron" in f[0]]
     frame = (ours or frames or [("?", "?", "?")])[-1]
+    if not frames:  # a message without a traceback: its first line, numbers blanked
+        return re.sub(r"#\d+|\d+", "N", text.strip().splitlines()[0] if text.strip() else "?")[:120]
     lines = [line for line in text.strip().splitlines() if line and not line.startswith(" ")]
     last = lines[-1] if lines else "?"
     exc = re.split(r"[:\s]", last.strip(), maxsplit=1)[0] if last else "?"
@@ -1665,6 +1667,8 @@ class InProcessTarget:
         await asyncio.sleep(0.1)
         gc.collect()  # "Task exception was never retrieved" is reported when the task is collected
         await asyncio.sleep(0)
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
         if self._sink_id is not None:
             logger.remove(self._sink_id)
         asyncio.get_running_loop().set_exception_handler(self._old_handler)
@@ -1678,9 +1682,11 @@ class InProcessTarget:
         import io
 
         from pipecat_nemotron import phone
+        from pipecat_nemotron.engine import Engine
         from pipecat_nemotron.stt import NemotronSTTService
 
-        await NemotronSTTService.preload(model="demo", chunk_ms=160, device="cpu", max_streams=2)
+        self.engine = Engine(model="demo", chunk_ms=160, device="cpu", max_streams=2)
+        await self.engine.ready()
         texts: list[str] = []
 
         class Out(io.StringIO):
@@ -1693,8 +1699,7 @@ class InProcessTarget:
         out = Out()
 
         async def on_call(call):
-            stt = NemotronSTTService(model="demo", chunk_ms=160, device="cpu")
-            await phone.run_call(call, stt=stt, out=out)
+            await phone.run_call(call, stt=NemotronSTTService(engine=self.engine), out=out)
 
         self.server.on_call = on_call
         return texts
