@@ -1935,6 +1935,7 @@ class Report:
     statuses: dict = field(default_factory=dict)
     mutators: dict = field(default_factory=dict)
     new_findings: int = 0
+    recheck: list = field(default_factory=list)
 
     rss_margin: int = 64 * 2**20
     fd_margin: int = 8
@@ -2185,9 +2186,10 @@ async def replay_stuck(transport: str, data: bytes, wait: float = 4.0) -> bool:
         await target.stop()
 
 
-async def replay_unanswered(data: bytes, wait: float = 1.5) -> bool:
-    """Whether a UDP input (with rport in its Via) still gets no response from a fresh in-process server."""
-    if b"rport" not in data[:2000]:
+async def replay_unanswered(data: bytes, wait: float = 1.5, *, final: bool = False) -> bool:
+    """Whether a UDP input (with rport in its Via) still gets no response (``final``: no final response) from a
+    fresh in-process server."""
+    if not re.search(rb"rport[;\r\n]", data[:70000]):
         return False
     target = InProcessTarget()
     address = await target.start()
@@ -2195,11 +2197,16 @@ async def replay_unanswered(data: bytes, wait: float = 1.5) -> bool:
     t, q = await loop.create_datagram_endpoint(_Queue, local_addr=(HOST, 0))
     try:
         t.sendto(data, address)
-        try:
-            await asyncio.wait_for(q.inbox.get(), wait)
-            return False
-        except asyncio.TimeoutError:
-            return True
+        deadline = loop.time() + wait
+        while loop.time() < deadline:
+            try:
+                raw, _ = await asyncio.wait_for(q.inbox.get(), max(0.01, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return True
+            status = re.match(rb"SIP/2\.0 (\d{3}) ", raw)
+            if status and (not final or int(status.group(1)) >= 200):
+                return False
+        return True
     finally:
         t.close()
         await target.stop()
@@ -2392,10 +2399,125 @@ async def run(args) -> Report:
                     finding.repro = (transport, data)
             elif finding.inputs and finding.what.startswith(("no response", "100 Trying")):
                 _, transport, data, _ = finding.inputs[-1]
-                if transport == "UDP" and await replay_unanswered(data):
+                if transport == "UDP" and await replay_unanswered(data, final=finding.what.startswith("100")):
                     finding.repro = (transport, data)
     report.new_findings = findings.write()
+    if getattr(args, "recheck", False) and findings.path is not None and findings.path.exists():
+        seen = {sig: f.count for sig, f in findings.by_signature.items()}
+        desc = f"a {report.inputs}-input run (seed {args.seed}, {report.mode})"
+        report.recheck = await recheck(findings.path, args.label or "this tree", seen, desc)
     return report
+
+
+def eval_bytes_literal(text: str) -> bytes:
+    """The inverse of bytes_literal: ``b'..' + b'x' * n + ..`` evaluated without eval()."""
+    import ast
+
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (bytes, int)):
+            return node.value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ValueError(f"not a bytes expression: {ast.dump(node)[:80]}")
+    return value(ast.parse(text.split("  # …")[0].strip(), mode="eval").body)
+
+
+async def replay_rtp_junk(seed: int = 1, rounds: int = 300) -> list[str]:
+    """Answer one call on a fresh in-process server, throw ``rounds`` bursts of RTP junk (rtp_junk) at its media
+    port from the SDP address, and return the signatures of the errors it logged."""
+    from pipecat_nemotron.transports.sip.message import SIPResponse, parse_message
+    from pipecat_nemotron.transports.sip.sdp import parse_sdp
+
+    target = InProcessTarget()
+    address = await target.start()
+    loop = asyncio.get_running_loop()
+    sip_t, sip = await loop.create_datagram_endpoint(_Queue, local_addr=(HOST, 0))
+    rtp_t, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(HOST, 0))
+    try:
+        port, rtp_port = sip_t.get_extra_info("sockname")[1], rtp_t.get_extra_info("sockname")[1]
+        grammar = Grammar(random.Random(seed), address, rtp_port)
+        invite = grammar.request("INVITE", local_port=port, transport="UDP", body=grammar.sdp("sendrecv"))
+        sip_t.sendto(invite.serialize()[0], address)
+        ok = None
+        deadline = loop.time() + 3
+        while ok is None and loop.time() < deadline:
+            data, _ = await asyncio.wait_for(sip.inbox.get(), 3)
+            message = parse_message(data)
+            if isinstance(message, SIPResponse) and message.status == 200:
+                ok = message
+        answer = parse_sdp(ok.body)
+        media = (answer.media[0].connection or answer.connection, answer.media[0].port)
+        rng = random.Random(seed)
+        for _ in range(rounds):
+            for packet in rtp_junk(rng)[1]:
+                rtp_t.sendto(packet, media)
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.2)
+    finally:
+        sip_t.close()
+        rtp_t.close()
+        await target.stop()
+    return sorted({traceback_signature(e[1]) for e in target.errors})
+
+
+async def recheck(path: Path, label: str, seen: dict | None = None, run_desc: str = "") -> list[tuple[str, str]]:
+    """Replay every finding of a findings file that has a reproducing input against this tree's server:
+    [(signature, status)]; a status line is appended under each. ``seen``: the signatures a run just saw (those
+    without a reproducing input are then judged by whether the run saw them again)."""
+    text = path.read_text()
+    sections = re.split(r"(?m)^(?=## `)", text)
+    results, out = [], [sections[0]]
+    stamp = time.strftime("%H:%M UTC", time.gmtime())
+    for section in sections[1:]:
+        signature = section.split("`")[1]
+        match = re.search(r"- input \(reproduces alone over (UDP|TCP)\):\n\n```python\n(.*?)\n```", section, re.S)
+        status = "not checkable (no input reproduces it alone)"
+        if seen is not None and not match:
+            status = (f"seen again ({seen[signature]}x) in {run_desc}" if signature in seen
+                      else f"not seen in {run_desc}")
+        if "rtp.py" in signature and "_receive" in signature:
+            signatures = await replay_rtp_junk()
+            status = (f"still: RTP junk at a live call logs {signatures}" if signatures
+                      else "fixed (300 bursts of RTP junk at a live call: no traceback)")
+        elif match and "cut," not in match.group(2):
+            transport, data = match.group(1), eval_bytes_literal(match.group(2))
+            if signature.startswith("call stuck"):
+                bad = await replay_stuck(transport, data)
+            elif signature.startswith(("no response", "100 Trying")):
+                bad = await replay_unanswered(data, final=signature.startswith("100"))
+            else:
+                target = InProcessTarget()
+                address = await target.start()
+                try:
+                    loop = asyncio.get_running_loop()
+                    t, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(HOST, 0))
+                    if transport == "UDP":
+                        t.sendto(data, address)
+                    else:
+                        try:
+                            _, writer = await asyncio.open_connection(*address)
+                            writer.write(data)
+                            loop.call_later(0.5, writer.close)
+                        except OSError:
+                            pass
+                    await asyncio.sleep(0.5)
+                    t.close()
+                finally:
+                    await target.stop()
+                bad = bool(target.errors)
+                if bad:
+                    signature_now = traceback_signature(target.errors[0][1])
+                    status = f"still gives a traceback ({signature_now})"
+            if not bad:
+                status = "fixed (the input no longer reproduces it)"
+            elif not status.startswith("still"):
+                status = "still reproduces"
+        results.append((signature, status))
+        section = section.rstrip("\n") + f"\n- recheck {stamp} against {label}: {status}\n\n"
+        out.append(section)
+    path.write_text("".join(out))
+    return results
 
 
 def parse_args(argv=None):
@@ -2425,6 +2547,8 @@ def parse_args(argv=None):
     parser.add_argument("--host-network", action="store_true",
                         help="do not enter a private namespace (fuzzed addresses are then forced to loopback)")
     parser.add_argument("--label", default="", help="what server this is (goes into the findings file)")
+    parser.add_argument("--recheck", action="store_true",
+                        help="replay the findings file's reproducing inputs against this tree, note fixed/still")
     parser.add_argument("--dump", type=int, default=0, help="print the first N generated inputs (no server) and exit")
     parser.add_argument("--json", default=None, help="write the report as JSON here")
     parser.add_argument("--progress-secs", type=float, default=5.0)
@@ -2463,12 +2587,18 @@ def main(argv=None):
     from loguru import logger
     logger.remove()
     logger.add(sys.stderr, level="CRITICAL")  # the server's errors are counted (and summarised), not printed
+    if args.recheck and not args.inputs:
+        for signature, status in asyncio.run(recheck(Path(args.findings), args.label)):
+            print(f"{status:60s} {signature}")
+        return
     report = asyncio.run(run(args))
     print(report.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(dataclasses.asdict(report), indent=1, default=str))
     if report.new_findings:
         print(f"  {report.new_findings} new finding(s) appended to {args.findings}")
+    for signature, status in report.recheck:
+        print(f"  recheck: {status}: {signature}")
     sys.exit(0 if not report.failures() else 1)
 
 
