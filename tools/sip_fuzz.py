@@ -1075,6 +1075,9 @@ class Fuzzer:
             self.bad_responses += 1
             return
         self._answered(branch, method, message.status)
+        if message.status == 481:  # that dialog is gone on the server's side: stop aiming at it
+            self.dialogs.pop(message.call_id, None)
+            self.pending_invites.pop(message.call_id, None)
         if method != "INVITE":
             return
         call_id = message.call_id
@@ -1550,7 +1553,7 @@ def short_config(**overrides):
     from pipecat_nemotron.transports.sip import SIPConfig
 
     names = {f.name for f in dataclasses.fields(SIPConfig)}
-    values = dict(host=HOST, port=0, max_calls=8, **SHORT_TIMERS, **FUZZ_LIMITS)
+    values = dict(host=HOST, port=0, max_calls=32, **SHORT_TIMERS, **FUZZ_LIMITS)
     values.update(overrides)
     return SIPConfig(**{k: v for k, v in values.items() if k in names})
 
@@ -1748,8 +1751,8 @@ class SubprocessTarget:
 
     def poll_log(self, final: bool = False):
         """Error records in the server's log since the last call: a record starts at a loguru timestamp line or at
-        an unindented "Traceback"/"Task exception was never retrieved"/"Exception in callback" line; it is an error
-        when it holds a traceback or is logged at ERROR/CRITICAL."""
+        asyncio's "Task exception was never retrieved"/"Exception in callback" lines (a traceback belongs to the
+        record above it); it is an error when it holds a traceback or is logged at ERROR/CRITICAL."""
         try:
             with open(self.log_path, "rb") as fh:
                 fh.seek(self._log_offset)
@@ -1811,8 +1814,8 @@ class SubprocessTarget:
         return texts
 
 
-_RECORD_START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|Traceback \(most recent|Task exception was never "
-                           r"retrieved|Exception in callback|Unhandled exception|Fatal error)")
+_RECORD_START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|Task exception was never retrieved|"
+                           r"Exception in callback|Unhandled exception|Fatal error)")
 _ERROR_RECORD = re.compile(r"Traceback \(most recent call last\)|^Task exception was never retrieved|"
                            r"^Exception in callback|^\S+ \S+ \| (ERROR|CRITICAL) ", re.M)
 
@@ -2239,7 +2242,7 @@ async def run(args) -> Report:
     watcher = asyncio.get_running_loop().create_task(_stall_watch(stalls))
     seen_errors = 0
     seen_stalls = 0
-    warmup = min(300, max(1, args.inputs // 20))
+    warmup = min(5000, max(1, args.inputs // 10))  # "before" RSS once the first calls' pipelines have warmed up
     started = time.monotonic()
     last_progress = started
     quiet = args.quiet
@@ -2309,9 +2312,11 @@ async def run(args) -> Report:
                 done = i + 1
                 rate = done / (now - started)
                 state = target.call_state()
+                rss_now, fds_now = target.usage()
                 print(f"[{now - started:7.1f}s] {done}/{args.inputs} inputs {rate:6.0f}/s  udp {fuzzer.stats['udp']}"
                       f" tcp {fuzzer.stats['tcp']}  tracebacks {len(target.errors)}  no-resp {report.no_response}"
-                      f"  stuck {report.stuck_invites}  calls {state.get('active_calls', '?')}", file=sys.stderr,
+                      f"  stuck {report.stuck_invites}  calls {state.get('active_calls', '?')}  server RSS "
+                      f"{rss_now / 2**20:.0f} MiB fds {fds_now}", file=sys.stderr,
                       flush=True)
         report.inputs = fuzzer.stats["inputs"]
         report.seconds = time.monotonic() - started
