@@ -1325,8 +1325,9 @@ class Fuzzer:
         if style == "crlf-flood":
             payload = b"\r\n" * rng.choice([2, 100, 10_000, 100_000]) + data
         elif style == "pipelined":
-            more, _, _, _ = self.build(conn.port, "TCP")
-            payload = data + more
+            for _ in range(rng.choice([1, 1, 4, 40])):
+                more, _, _, _ = self.build(conn.port, "TCP")
+                payload += more
         sent = Sent(self.index, "TCP", payload, names)
         self.window.append(sent)
         self._remember_invite(sent)
@@ -1821,20 +1822,24 @@ _ERROR_RECORD = re.compile(r"Traceback \(most recent call last\)|^Task exception
 
 
 class RemoteTarget:
-    """A server someone else started: only liveness, the probe and the normal call can be checked (plus RSS/fds
-    when ``--target-pid`` says which process it is)."""
+    """A server someone else started: liveness, the probe and the normal call are checked, plus RSS/fds when
+    ``--target-pid`` says which process it is and tracebacks when ``--target-log`` names its log file."""
 
     kind = "target"
 
-    def __init__(self, address: tuple[str, int], pid: int | None):
+    def __init__(self, address: tuple[str, int], pid: int | None, log: str | None = None):
         self.address, self.pid = address, pid
         self.errors: list[tuple[float, str]] = []
+        self.log_path = Path(log) if log else None
+        self._pending = ""
+        self._log_offset = self.log_path.stat().st_size if self.log_path and self.log_path.exists() else 0
 
     async def start(self):
         return self.address
 
     def poll_log(self, final: bool = False):
-        pass
+        if self.log_path is not None:
+            SubprocessTarget.poll_log(self, final)
 
     def alive(self) -> bool:
         return self.pid is None or Path(f"/proc/{self.pid}").exists()
@@ -1974,7 +1979,7 @@ class Report:
         lines = [
             f"sip_fuzz: {self.inputs} inputs in {self.seconds:.1f} s ({rate:.0f}/s), seed {self.seed}, {self.mode}, "
             f"{'private loopback-only namespace' if self.namespace else 'host loopback (addresses forced to 127.0.0.1)'}",
-            f"  server alive: {self.alive}; tracebacks: {self.tracebacks} "
+            f"  server alive: {self.alive}; tracebacks/ERROR records: {self.tracebacks} "
             f"({len(self.error_signatures)} kinds); event-loop stalls: {self.stalls}; probes unanswered: "
             f"{self.probe_failures}",
             f"  RSS {self.rss_before / 2**20:.1f} → {self.rss_after / 2**20:.1f} MiB (peak {self.rss_peak / 2**20:.1f});"
@@ -2222,7 +2227,7 @@ async def run(args) -> Report:
     findings = Findings(Path(args.findings) if args.findings else None, command, args.label or "this tree")
     if args.target:
         host, _, port = args.target.rpartition(":")
-        target = RemoteTarget((host, int(port)), args.target_pid)
+        target = RemoteTarget((host, int(port)), args.target_pid, args.target_log)
     elif args.in_process:
         target = InProcessTarget()
     else:
@@ -2230,6 +2235,9 @@ async def run(args) -> Report:
         target = SubprocessTarget(Path(tempfile.mkdtemp(prefix="sip_fuzz_")), model=args.model,
                                   extra=args.server_arg)
     report.mode = target.kind
+    if args.target and args.rate is None:
+        args.rate = 150.0  # under a production server's per-source UDP rate limit (200/s), which we cannot raise
+    args.rate = args.rate or 0
     if args.slow_check is None:  # the fuzz config's tcp_message_secs plus a margin, or production's for --target
         args.slow_check = 15.0 if args.target else FUZZ_LIMITS["tcp_message_secs"] * 1.5 + 1
     address = await target.start()
@@ -2531,12 +2539,14 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=1, help="the run is a function of the seed")
     parser.add_argument("--target", default=None, help="HOST:PORT of a running server (default: spawn one)")
     parser.add_argument("--target-pid", type=int, default=None, help="its process id, for RSS/fd sampling")
+    parser.add_argument("--target-log", default=None, help="its log file, for tracebacks (read from its end)")
     parser.add_argument("--in-process", action="store_true",
                         help="SIPUserAgentServer in this process with a recording on_call (what CI runs)")
     parser.add_argument("--model", default="demo", help="the spawned serve-sip's --model")
     parser.add_argument("--server-arg", action="append", default=[], help="more serve-sip arguments (repeat)")
     parser.add_argument("--tcp-share", type=float, default=0.25, help="share of inputs over TCP")
-    parser.add_argument("--rate", type=float, default=0, help="inputs/s cap (0: as fast as it goes)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="inputs/s cap (default: as fast as the server answers; 150 with --target)")
     parser.add_argument("--probe-every", type=int, default=1000, help="a plain OPTIONS every N inputs (0: never)")
     parser.add_argument("--slow-check", type=float, default=None,
                         help="seconds within which slow TCP connections must be closed by the server (0: skip; "
