@@ -2365,6 +2365,8 @@ async def run(args) -> Report:
         report.fuzz_stats = dict(fuzzer.stats)
         report.statuses = dict(fuzzer.status_counts)
         report.mutators = dict(fuzzer.mutator_counts)
+        harvest()
+        watcher.cancel()  # loading the model for the normal call may block the loop: not the server's doing
         if not args.no_call and report.alive:
             wav = Path(args.wav)
             report.expected = expected_text(wav)
