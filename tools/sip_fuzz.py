@@ -1603,7 +1603,8 @@ class InProcessTarget:
         self.server = None
         self.errors: list[tuple[float, str]] = []
         self.answered = 0
-        self.window_source = lambda: None  # the fuzzer's recent inputs, snapshotted with each error
+        self.window_source = lambda: None  # the fuzzer's recent inputs, snapshotted with each new kind of error
+        self._signatures: set[str] = set()
         self._sink_id = None
         self._old_handler = None
 
@@ -1636,14 +1637,21 @@ class InProcessTarget:
         if record["exception"] is not None:
             exc = record["exception"]
             text += "\n" + "".join(traceback.format_exception(exc.type, exc.value, exc.traceback))
-        self.errors.append((time.monotonic(), text, self.window_source()))
+        self._record(text)
 
     def _loop_error(self, loop, context):
         exc = context.get("exception")
         text = context.get("message", "")
         if exc is not None:
             text += "\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self.errors.append((time.monotonic(), text, self.window_source()))
+        self._record(text)
+
+    def _record(self, text: str):
+        """Keep every error's tail (the innermost frames name it) and, for a new kind, the inputs just before."""
+        signature = traceback_signature(text)
+        new = signature not in self._signatures
+        self._signatures.add(signature)
+        self.errors.append((time.monotonic(), text if new else text[-3000:], self.window_source() if new else None))
 
     def alive(self) -> bool:
         return self.server is not None and getattr(self.server, "_transport", True) is not None
