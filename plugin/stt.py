@@ -20,10 +20,12 @@ from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import STTSettings, is_given
 from pipecat.services.stt_service import STTService
 from pipecat.transcriptions.language import Language
+from pipecat.utils.errors import ErrorCategory
 from pipecat.utils.time import time_now_iso8601
 from pipecat.utils.tracing.service_decorators import traced_stt
 
-from .engine import DEFAULT_MODEL, Engine, Final, NemotronEngineError, Partial
+from .engine import (DEFAULT_MODEL, AudioFormatError, BacklogError, Engine, Final, NemotronEngineError, Partial,
+                     StreamReservation)
 from .engine.loader import SAMPLE_RATE
 from .languages import AUTO, language_to_locale, locale_to_language
 
@@ -37,8 +39,15 @@ TTFS_P99_BY_CHUNK_MS = {80: VAD_STOP_SECS + 1.08, 160: VAD_STOP_SECS + 1.59, 320
                         560: VAD_STOP_SECS + 2.40, 1120: VAD_STOP_SECS + 3.49}
 DEMO_TTFS_P99_BY_CHUNK_MS = {80: VAD_STOP_SECS + 0.38, 160: VAD_STOP_SECS + 0.15, 320: VAD_STOP_SECS + 0.21,
                              560: VAD_STOP_SECS + 0.21, 1120: VAD_STOP_SECS + 0.19}
-# On EndFrame, how long to wait for the finals still being computed (the caller hung up mid-sentence).
-END_FLUSH_TIMEOUT_S = 5.0
+# On EndFrame the finals still being computed are awaited for the time the engine's backlog needs
+# (Stream.seconds_to_drain) times this safety factor plus a margin; while the stream still makes
+# progress the wait is extended, up to END_FLUSH_MAX_S in all. What is left then is logged in seconds.
+END_FLUSH_FACTOR = 2.0
+END_FLUSH_MARGIN_S = 2.0
+END_FLUSH_MAX_S = 120.0
+# A failed engine stream is replaced at the next utterance this many times in a row; then the
+# service gives up with a fatal error (a Final resets the count).
+MAX_STREAM_RESTARTS = 3
 
 
 @dataclass
@@ -65,7 +74,12 @@ class NemotronSTTService(STTService):
         interim_results: push `InterimTranscriptionFrame`s while the user speaks.
         engine: share an `Engine` explicitly; by default every service of the process with the
             same (model, chunk_ms, device) shares one, so calls are batched together.
-        max_streams: slots of an engine this service creates.
+        reservation: the engine stream the transport reserved before it answered the call
+            (`engine.try_reserve()`); the service runs its streams on it and releases it when the
+            pipeline ends. Without one the service reserves at start and fails fatally when the
+            engine is full.
+        max_streams: slots of the shared engine, if this service is the one that creates it (another
+            value than the existing engine's is an error).
         ttfs_p99_latency: override the measured default for this chunk size (measured on a 2-core CPU; pass
             your own on a GPU).
         settings: `NemotronSTTSettings` overrides.
@@ -76,7 +90,8 @@ class NemotronSTTService(STTService):
 
     def __init__(self, *, model: str = DEFAULT_MODEL, chunk_ms: int = 160, language: Language | None = None,
                  device: str = "auto", strip_language_tags: bool = True, interim_results: bool = True,
-                 engine: Engine | None = None, max_streams: int = 64, ttfs_p99_latency: float | None = None,
+                 engine: Engine | None = None, reservation: StreamReservation | None = None,
+                 max_streams: int | None = None, ttfs_p99_latency: float | None = None,
                  settings: NemotronSTTSettings | None = None, **kwargs):
         default_settings = self.Settings(model=str(model if engine is None else engine.model_name),
                                          language=language_to_locale(language) if language else None)
@@ -93,9 +108,16 @@ class NemotronSTTService(STTService):
         self._strip_language_tags = strip_language_tags
         self._interim_results = interim_results
         self._engine = engine
+        self._engine_given = engine
+        self._reservation = reservation
         self._max_streams = max_streams
         self._stream = None
         self._reader: asyncio.Task | None = None
+        self._failures = 0  # stream failures since the last Final
+        self._gave_up = False
+        self._reopen_pending = False
+        self._dropped_s = 0.0  # audio received while no stream was open
+        self._backlog_reported = False
         self._resampler = create_stream_resampler()
         self._last_interim = ""
         self._vad_seen = False  # STTService keeps _user_speaking from the same VAD frames
@@ -107,7 +129,8 @@ class NemotronSTTService(STTService):
     @classmethod
     async def preload(cls, *, model: str = DEFAULT_MODEL, chunk_ms: int = 160, device: str = "auto",
                       max_streams: int = 64) -> Engine:
-        """Load the shared engine before calls arrive (servers: call at start-up)."""
+        """Load the shared engine before calls arrive (servers: call at start-up); it is also the
+        admission (`try_reserve()`) a transport asks before answering a call."""
         return await Engine.shared(model=model, chunk_ms=chunk_ms, device=device, max_streams=max_streams).ready()
 
     @property
@@ -124,60 +147,110 @@ class NemotronSTTService(STTService):
     async def start(self, frame: StartFrame):
         await super().start(frame)
         try:
-            if self._engine is None:
-                self._engine = Engine.shared(model=self._model_source, chunk_ms=self._chunk_ms, device=self._device,
-                                             max_streams=self._max_streams,
-                                             strip_language_tags=self._strip_language_tags)
-            await self._engine.ready()
-            self._stream = self._engine.open_stream(language=self._settings.language or AUTO)
-        except NemotronEngineError as error:
-            await self.push_error(error_msg=f"Nemotron STT could not start: {error}", exception=error, fatal=True)
-            return
-        self._reader = self.create_task(self._read_results(self._stream), name="nemotron_stt_results")
+            await self._open_stream()
+        except (NemotronEngineError, ValueError) as error:
+            self._gave_up = True
+            await self.push_error(error_msg=f"Nemotron STT could not start: {error}", exception=error,
+                                  force_treat_as_permanent=True)
 
     async def stop(self, frame: EndFrame):
-        await self._flush_last_utterance()
-        await super().stop(frame)
-        await self._close_stream()
+        try:
+            await self._flush_last_utterance()
+            await super().stop(frame)
+        finally:
+            await self._close_stream(release=True)
+
+    async def cancel(self, frame: CancelFrame):
+        try:
+            await super().cancel(frame)
+        finally:
+            await self._close_stream(release=True)
+
+    async def _open_stream(self):
+        """Open the engine stream of this call on its reservation (taken now if the transport gave none)."""
+        if self._engine is None or (not self._engine.alive_or_loading and self._engine_is_shared):
+            # first start, or the shared engine died and Engine.shared builds a new one
+            self._engine = Engine.shared(model=self._model_source, chunk_ms=self._chunk_ms, device=self._device,
+                                         **self._shared_options())
+        await self._engine.ready()
+        if self._reservation is not None and not self._engine.holds(self._reservation):
+            self._reservation.release()  # taken on an engine that has since been replaced
+            self._reservation = None
+        if self._reservation is None or self._reservation.released:
+            self._reservation = self._engine.reserve()
+        self._stream = self._engine.open_stream(language=self._settings.language or AUTO,
+                                                reservation=self._reservation)
+        self._reader = self.create_task(self._read_results(self._stream), name="nemotron_stt_results")
+
+    @property
+    def _engine_is_shared(self) -> bool:
+        return self._engine_given is None
+
+    def _shared_options(self) -> dict:
+        options = {"strip_language_tags": self._strip_language_tags}
+        if self._max_streams is not None:
+            options["max_streams"] = self._max_streams
+        return options
 
     async def _flush_last_utterance(self):
         """A graceful end loses no words: finalize an utterance still open (the user was speaking, or there is
-        no VAD in the pipeline) and wait for the finals still being computed."""
+        no VAD in the pipeline) and wait for the finals still being computed, as long as the engine's
+        backlog needs (not a fixed time); what is left at the bound is logged in seconds of audio."""
         if self._stream is None:
             return
         if self._audio_since_finalize and (self._user_speaking or not self._vad_seen):
             await self._finalize_utterance()
-        if self._finals_pending:
+        stream, waited = self._stream, 0.0
+        while self._finals_pending and stream is self._stream:
+            bound = min(END_FLUSH_MARGIN_S + END_FLUSH_FACTOR * stream.seconds_to_drain(), END_FLUSH_MAX_S - waited)
+            behind = stream.lag_s
+            started = asyncio.get_running_loop().time()
             try:
-                await asyncio.wait_for(self._no_final_pending.wait(), END_FLUSH_TIMEOUT_S)
-            except TimeoutError:
-                logger.warning(f"{self}: {self._finals_pending} final(s) not ready {END_FLUSH_TIMEOUT_S} s after "
-                               "EndFrame; closing without them")
+                await asyncio.wait_for(self._no_final_pending.wait(), max(bound, 0.0))
+                return
+            except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+                waited += asyncio.get_running_loop().time() - started
+            if stream.lag_s >= behind or waited >= END_FLUSH_MAX_S:  # no progress, or the hard cap
+                logger.warning(f"{self}: {self._finals_pending} final(s) not ready after {waited:.1f} s; "
+                               f"{stream.lag_s:.1f} s of the caller's audio were not transcribed")
+                return
 
-    async def cancel(self, frame: CancelFrame):
-        await super().cancel(frame)
-        await self._close_stream()
-
-    async def _close_stream(self):
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
+    async def _close_stream(self, *, release: bool = False):
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
         if self._reader is not None:
-            await self.cancel_task(self._reader)
-            self._reader = None
+            reader, self._reader = self._reader, None
+            if reader is not asyncio.current_task():
+                await self.cancel_task(reader)
+        if release and self._reservation is not None:
+            self._reservation.release()
 
     # ---- audio in ----------------------------------------------------------------------------
     async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
         """Queue audio on the engine; results arrive on their own task."""
+        if self._stream is None and self._reopen_pending and not self._vad_seen:
+            await self._reopen()  # no VAD in the pipeline: the next audio starts the next utterance
         if self._stream is None:
+            self._dropped_s += len(audio) / 2 / max(self.sample_rate, 1)
             yield None
             return
         if self.sample_rate != SAMPLE_RATE:
             audio = await self._resampler.resample(audio, self.sample_rate, SAMPLE_RATE)
         try:
             self._stream.feed(audio)
-        except NemotronEngineError as error:
+        except BacklogError as error:  # the engine is slower than real time: say so once per utterance
+            if not self._backlog_reported:
+                self._backlog_reported = True
+                yield ErrorFrame(error=f"Nemotron STT: {error}")
+            yield None
+            return
+        except AudioFormatError as error:
             yield ErrorFrame(error=f"Nemotron STT: {error}")
+            return
+        except NemotronEngineError as error:  # the stream failed: the reader reports it once
+            await self._stream_failed(self._stream, error)
+            yield None
             return
         self._audio_since_finalize = True
         yield None
@@ -186,6 +259,8 @@ class NemotronSTTService(STTService):
         await super().process_frame(frame, direction)
         if isinstance(frame, VADUserStartedSpeakingFrame):
             self._vad_seen = True
+            if self._stream is None and self._reopen_pending:
+                await self._reopen()
         elif isinstance(frame, VADUserStoppedSpeakingFrame):
             self._vad_seen = True
             await self._finalize_utterance()
@@ -193,18 +268,57 @@ class NemotronSTTService(STTService):
     async def _finalize_utterance(self):
         if self._stream is None:
             return
+        stream = self._stream
         try:
             if self.sample_rate != SAMPLE_RATE:
                 # the resampler's filter holds the last few ms: they belong to this utterance
-                self._stream.feed(await self._resampler.flush())
-            self._stream.finalize()
+                stream.feed(await self._resampler.flush())
+            stream.finalize()
         except NemotronEngineError as error:
-            await self.push_error(error_msg=f"Nemotron STT: {error}", exception=error)
+            await self._stream_failed(stream, error)
             return
         self._audio_since_finalize = False
+        self._backlog_reported = False
         self._finals_pending += 1
         self._no_final_pending.clear()
         self.request_finalize()
+
+    # ---- recovery ----------------------------------------------------------------------------
+    async def _stream_failed(self, stream, error: NemotronEngineError):
+        """One error for a failed stream; a fresh stream is opened at the next utterance, a few times."""
+        if stream is not self._stream:
+            return  # already handled (the reader and a feed both saw it)
+        self._failures += 1
+        lost = self._finals_pending
+        self._finals_pending = 0
+        self._no_final_pending.set()
+        await self._close_stream()
+        if self._failures > MAX_STREAM_RESTARTS:
+            self._gave_up = True
+            await self.push_error(error_msg=f"Nemotron STT failed {self._failures} times in a row, giving up: {error}",
+                                  exception=error, force_treat_as_permanent=True)
+            return
+        self._reopen_pending = True
+        await self.push_error(error_msg=f"Nemotron STT stream failed ({error}); {lost} utterance(s) lost, "
+                                        "transcribing again from the next utterance", exception=error,
+                              category=ErrorCategory.SERVER)
+
+    async def _reopen(self):
+        self._reopen_pending = False
+        if self._dropped_s:
+            logger.warning(f"{self}: {self._dropped_s:.1f} s of audio arrived while the engine stream was down "
+                           "and were not transcribed")
+            self._dropped_s = 0.0
+        try:
+            await self._open_stream()
+        except NemotronEngineError as error:
+            self._failures += 1
+            if self._failures > MAX_STREAM_RESTARTS:
+                self._gave_up = True
+                await self.push_error(error_msg=f"Nemotron STT could not reopen its stream, giving up: {error}",
+                                      exception=error, force_treat_as_permanent=True)
+            else:
+                self._reopen_pending = True
 
     async def _update_settings(self, delta: NemotronSTTSettings) -> dict:
         if is_given(delta.model) and delta.model != self._settings.model:
@@ -227,10 +341,11 @@ class NemotronSTTService(STTService):
                         result.text, self._user_id, time_now_iso8601(), locale_to_language(result.language),
                         result=result))
         except NemotronEngineError as error:
-            await self.push_error(error_msg=f"Nemotron STT stream failed: {error}", exception=error)
+            await self._stream_failed(stream, error)
 
     async def _push_final(self, final: Final):
         self._last_interim = ""
+        self._failures = 0
         self.confirm_finalize()
         await self.emit_stt_usage_metrics()
         language = locale_to_language(final.language)

@@ -2,12 +2,15 @@
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from pipecat.frames.frames import (CancelFrame, STTMetadataFrame, InputAudioRawFrame, InterimTranscriptionFrame, STTUpdateSettingsFrame,
+from pipecat.frames.frames import (CancelFrame, ErrorFrame, STTMetadataFrame, InputAudioRawFrame, InterimTranscriptionFrame, STTUpdateSettingsFrame,
                                    TranscriptionFrame, VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame)
+from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams
+from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.services.settings import STTSettings
 from pipecat.tests.utils import SleepFrame, run_test
 from pipecat.transcriptions.language import Language
@@ -168,4 +171,170 @@ async def test_end_frame_loses_no_words(engine, vad_stop):
     finals = [f for f in down if isinstance(f, TranscriptionFrame)]
     expected = await engine_final(engine, audio)
     assert [f.text for f in finals] == [expected.text] and expected.text
+    assert engine.open_streams == 0
+
+
+# ---- faults, recovery, reservations, drain -------------------------------------------------------
+
+def error_frames(*directions):
+    return [f for frames in directions for f in frames if isinstance(f, ErrorFrame)]
+
+
+@pytest.fixture
+def failing_steps(monkeypatch):
+    """`failing_steps(n)`: the next n model steps raise (n=-1: every step)."""
+    from pipecat_nemotron.engine import nemo_compat
+
+    decode = nemo_compat.decode_step
+    remaining = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        if remaining["n"]:
+            remaining["n"] -= 1
+            raise RuntimeError("injected step failure")
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(nemo_compat, "decode_step", flaky)
+
+    def arm(n):
+        remaining["n"] = n
+    return arm
+
+
+async def test_a_failed_stream_gives_one_error_and_the_next_utterance_is_transcribed(engine, failing_steps):
+    first, second = speechlike(1.0, seed=31), speechlike(1.4, seed=32)
+    expected = await engine_final(engine, second)
+
+    class FailFirstStep(FrameProcessor):
+        async def process_frame(self, frame, direction):
+            await super().process_frame(frame, direction)
+            if isinstance(frame, VADUserStartedSpeakingFrame) and not hasattr(self, "armed"):
+                self.armed = True
+                failing_steps(1)
+            await self.push_frame(frame, direction)
+
+    stt = NemotronSTTService(engine=engine, language=Language.EN_US)
+    down, up = await run_test(Pipeline([FailFirstStep(), stt]),
+                              frames_to_send=utterance(first, 16000) + utterance(second, 16000),
+                              pipeline_params=PipelineParams(audio_in_sample_rate=16000))
+    errors = error_frames(down, up)
+    assert len(errors) == 1 and "transcribing again" in errors[0].error
+    finals = [f for f in down if isinstance(f, TranscriptionFrame)]
+    assert [f.text for f in finals] == [expected.text] and expected.text
+    await asyncio.sleep(0.05)
+    assert engine.open_streams == 0 and engine.free_slots == engine.max_streams
+
+
+async def test_a_stream_that_keeps_failing_ends_in_one_fatal_error_not_one_per_frame(engine, failing_steps):
+    from pipecat_nemotron.stt import MAX_STREAM_RESTARTS
+
+    failing_steps(-1)
+    frames = []
+    for seed in range(MAX_STREAM_RESTARTS + 3):
+        frames += utterance(speechlike(0.8, seed=40 + seed), 16000, pause=0.15)
+    stt = NemotronSTTService(engine=engine, language=Language.EN_US)
+    down, up = await run_test(stt, frames_to_send=frames, pipeline_params=PipelineParams(audio_in_sample_rate=16000))
+    errors = error_frames(down, up)
+    assert len(errors) == MAX_STREAM_RESTARTS + 1, [e.error for e in errors]
+    assert "giving up" in errors[-1].error and not any("giving up" in e.error for e in errors[:-1])
+    failing_steps(0)
+    await asyncio.sleep(0.05)
+    assert engine.open_streams == 0 and engine.free_slots == engine.max_streams
+
+
+@pytest.mark.parametrize("ending", ["end", "cancel", "failure"])
+async def test_a_given_reservation_is_released_exactly_once_however_the_call_ends(engine, failing_steps, ending):
+    reservation = engine.try_reserve()
+    stt = NemotronSTTService(engine=engine, reservation=reservation, language=Language.EN_US)
+    frames = [VADUserStartedSpeakingFrame(start_secs=0.2), *pcm_frames(speechlike(0.8, seed=51), 16000),
+              SleepFrame(sleep=0.3)]
+    if ending == "failure":
+        failing_steps(-1)
+    if ending == "cancel":
+        frames.append(CancelFrame())
+    await run_test(stt, frames_to_send=frames, send_end_frame=ending != "cancel",
+                   pipeline_params=PipelineParams(audio_in_sample_rate=16000))
+    failing_steps(0)
+    assert reservation.released and engine.free_slots == engine.max_streams
+    reservation.release()
+    assert engine.free_slots == engine.max_streams
+
+
+async def test_a_service_beyond_capacity_fails_fatally_at_start(engine):
+    held = [engine.try_reserve() for _ in range(engine.max_streams)]
+    stt = NemotronSTTService(engine=engine, language=Language.EN_US)
+    down, up = await run_test(stt, frames_to_send=[SleepFrame(sleep=0.05)],
+                              pipeline_params=PipelineParams(audio_in_sample_rate=16000))
+    errors = error_frames(down, up)
+    assert len(errors) == 1 and "could not start" in errors[0].error and "stream slots" in errors[0].error
+    for reservation in held:
+        reservation.release()
+
+
+async def test_stop_releases_the_stream_on_the_python_3_10_timeout_path(engine, monkeypatch):
+    """On Python 3.10 asyncio.wait_for raises asyncio.TimeoutError, which is not the builtin TimeoutError."""
+    import pipecat_nemotron.stt as stt_module
+
+    class Py310TimeoutError(Exception):
+        pass
+
+    async def times_out(awaitable, timeout):
+        awaitable.close()
+        raise Py310TimeoutError()
+
+    # stt.py's own view of asyncio, as on 3.10: wait_for raises a TimeoutError that is not the builtin one
+    py310 = SimpleNamespace(**{name: getattr(asyncio, name) for name in dir(asyncio) if not name.startswith("__")})
+    py310.TimeoutError, py310.wait_for = Py310TimeoutError, times_out
+    monkeypatch.setattr(stt_module, "asyncio", py310)
+    frames = [VADUserStartedSpeakingFrame(start_secs=0.2), *pcm_frames(speechlike(1.0, seed=61), 16000),
+              VADUserStoppedSpeakingFrame(stop_secs=0.2)]
+    with engine.paused():  # the final cannot be ready when EndFrame arrives
+        await run_test(NemotronSTTService(engine=engine, language=Language.EN_US), frames_to_send=frames,
+                       pipeline_params=PipelineParams(audio_in_sample_rate=16000))
+    await asyncio.sleep(0.05)
+    assert engine.open_streams == 0 and engine.free_slots == engine.max_streams
+
+
+async def test_hang_up_while_the_engine_lags_waits_for_the_backlog_not_a_fixed_time(engine, monkeypatch):
+    """10 s of speech arrive at once and each step takes ~0.15 s: the final needs ~9 s, more than the old
+    fixed 5 s. It must not be thrown away while the engine still works."""
+    from pipecat_nemotron.engine import nemo_compat
+
+    audio = speechlike(10.0, seed=71)
+    expected = await engine_final(engine, audio)
+    decode = nemo_compat.decode_step
+
+    def slow(*args, **kwargs):
+        time.sleep(0.14)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(nemo_compat, "decode_step", slow)
+    frames = [VADUserStartedSpeakingFrame(start_secs=0.2), *pcm_frames(audio, 16000),
+              VADUserStoppedSpeakingFrame(stop_secs=0.2)]
+    started = time.perf_counter()
+    down, _ = await run_test(NemotronSTTService(engine=engine, language=Language.EN_US), frames_to_send=frames,
+                             pipeline_params=PipelineParams(audio_in_sample_rate=16000))
+    finals = [f for f in down if isinstance(f, TranscriptionFrame)]
+    assert [f.text for f in finals] == [expected.text] and expected.text
+    assert time.perf_counter() - started > 5.0  # the case the fixed bound lost
+
+
+async def test_a_stalled_engine_is_given_up_on_with_the_untranscribed_seconds_logged(engine):
+    from loguru import logger
+
+    lines = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="WARNING")
+    frames = [VADUserStartedSpeakingFrame(start_secs=0.2), *pcm_frames(speechlike(3.0, seed=81), 16000),
+              VADUserStoppedSpeakingFrame(stop_secs=0.2)]
+    try:
+        with engine.paused():  # nothing is stepped: no progress, so the wait ends at the bound
+            started = time.perf_counter()
+            await run_test(NemotronSTTService(engine=engine, language=Language.EN_US), frames_to_send=frames,
+                           pipeline_params=PipelineParams(audio_in_sample_rate=16000))
+            waited = time.perf_counter() - started
+    finally:
+        logger.remove(sink)
+    assert any("s of the caller's audio were not transcribed" in line and "3.1 s" in line for line in lines), lines
+    assert waited < 30
+    await asyncio.sleep(0.05)
     assert engine.open_streams == 0
