@@ -72,6 +72,11 @@ class StreamReservation:
         self._stream = None
 
     @property
+    def capacity(self) -> Capacity:
+        """The engine capacity this reservation counts against."""
+        return self._capacity
+
+    @property
     def released(self) -> bool:
         with self._lock:
             return self._released

@@ -287,6 +287,10 @@ class Engine:
             return None
         return self._capacity.try_reserve()
 
+    def holds(self, reservation: StreamReservation) -> bool:
+        """Whether `reservation` was made on this engine."""
+        return reservation.capacity is self._capacity
+
     def reserve(self) -> StreamReservation:
         """Like `try_reserve`, but raises `CapacityError` when full (`StreamClosedError` when not alive)."""
         if not self.alive_or_loading:
@@ -310,6 +314,8 @@ class Engine:
         own = reservation is None
         if own:
             reservation = self.reserve()
+        elif not self.holds(reservation):
+            raise StreamClosedError(f"{reservation!r} was made on another engine.")
         try:
             with self._lock:
                 if not self._running:
