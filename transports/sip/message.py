@@ -11,6 +11,9 @@ import re
 from dataclasses import dataclass, field
 
 MAX_MESSAGE_SIZE = 65_535
+MAX_HEADERS = 256  # header lines per message
+MAX_LIST_ELEMENTS = 64  # Vias, routes, contacts per message
+MAX_CALL_ID = 256  # characters
 SIP_VERSION = "SIP/2.0"
 
 COMPACT_FORMS = {
@@ -32,6 +35,11 @@ _CANONICAL["call-id"] = "Call-ID"
 _CANONICAL["cseq"] = "CSeq"
 _TOKEN = re.compile(r"^[A-Za-z0-9.!%*_+`'~-]+$")
 _STATUS_LINE = re.compile(r"^SIP/2\.0 ([1-6][0-9]{2}) ?(.*)$")
+# Numbers are ASCII digits only ([0-9], not \d or str.isdigit(), which accept superscripts and other scripts),
+# capped in length before int() sees them and range-checked after.
+_CSEQ = re.compile(r"^([0-9]{1,10})[ \t]+([A-Za-z0-9.!%*_+`'~-]+)$")
+_HOST = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+_IPV6 = re.compile(r"^[0-9A-Fa-f:.]{2,45}$")
 # Headers that may be joined with commas in one line (RFC 3261 §7.3.1); Via and routes matter to us.
 _LIST_HEADERS = {"Via", "Route", "Record-Route", "Contact", "Allow", "Supported", "Require"}
 
@@ -47,6 +55,17 @@ REASONS = {
 
 class SIPParseError(ValueError):
     """The bytes are not a well-formed SIP message; the message says what is wrong."""
+
+
+def parse_number(text: str, *, what: str, maximum: int, minimum: int = 0, digits: int = 10) -> int:
+    """An ASCII decimal of at most ``digits`` digits within [minimum, maximum]; SIPParseError otherwise."""
+    text = text.strip()
+    if not re.fullmatch(f"[0-9]{{1,{digits}}}", text):
+        raise SIPParseError(f"bad {what} {text[:40]!r}")
+    number = int(text)
+    if not minimum <= number <= maximum:
+        raise SIPParseError(f"{what} out of range: {number}")
+    return number
 
 
 def canonical_name(name: str) -> str:
@@ -159,13 +178,13 @@ class SIPResponse(SIPMessage):
 
 def parse_cseq(value: str) -> tuple[int, str]:
     """Parse ``"314159 INVITE"``; raise SIPParseError when it is not that shape."""
-    parts = value.split()
-    if len(parts) != 2 or not parts[0].isdigit() or not _TOKEN.match(parts[1]):
-        raise SIPParseError(f"bad CSeq {value!r}")
-    number = int(parts[0])
+    match = _CSEQ.match(value.strip())
+    if match is None:
+        raise SIPParseError(f"bad CSeq {value[:40]!r}")
+    number = int(match.group(1))
     if number >= 2**31:
         raise SIPParseError(f"CSeq number out of range: {number}")
-    return number, parts[1].upper()
+    return number, match.group(2).upper()
 
 
 def _split_head(data: bytes) -> tuple[bytes, bytes]:
@@ -208,6 +227,8 @@ def _start(line: str) -> SIPMessage:
 
 
 def _headers(lines: list[str]) -> list[tuple[str, str]]:
+    if len(lines) > MAX_HEADERS:
+        raise SIPParseError(f"too many header lines ({len(lines)} > {MAX_HEADERS})")
     headers = []
     for line in lines:
         name, sep, value = line.partition(":")
@@ -223,21 +244,43 @@ def _content_length(message: SIPMessage, available: int, *, stream: bool) -> int
         if stream:
             raise SIPParseError("no Content-Length on a stream transport")
         return available  # UDP: the body is the rest of the datagram (RFC 3261 §18.3)
-    if not value.isdigit():
-        raise SIPParseError(f"bad Content-Length {value!r}")
-    length = int(value)
+    length = parse_number(value, what="Content-Length", maximum=MAX_MESSAGE_SIZE)
     if length > available and not stream:
         raise SIPParseError(f"Content-Length {length} but only {available} body bytes")
     return length
 
 
 def _check_mandatory(message: SIPMessage) -> None:
+    """Every header the server reads is checked here, so handlers can rely on it (RFC 3261 §8.1.1)."""
     for name in ("Via", "From", "To", "Call-ID", "CSeq"):
         if not message.get(name):
             raise SIPParseError(f"missing {name} header")
     number, method = message.cseq
     if isinstance(message, SIPRequest) and method != message.method and message.method != "ACK":
         raise SIPParseError(f"CSeq method {method} does not match {message.method}")
+    call_id = message.call_id
+    if len(call_id) > MAX_CALL_ID or any(c.isspace() for c in call_id):
+        raise SIPParseError(f"bad Call-ID {call_id[:40]!r}")
+    vias = message.get_all("Via")
+    if not vias or len(vias) > MAX_LIST_ELEMENTS:
+        raise SIPParseError(f"{len(vias)} Via elements")
+    for via in vias:
+        parse_via(via)
+    for name in ("From", "To"):
+        parse_address(message.get(name), need_uri=True)
+    for name in ("Contact", "Record-Route", "Route", "P-Asserted-Identity"):
+        values = message.get_all(name)
+        if message.get(name) is not None and not values:
+            raise SIPParseError(f"empty {name}")
+        if len(values) > MAX_LIST_ELEMENTS:
+            raise SIPParseError(f"{len(values)} {name} elements")
+        for value in values:
+            if not (name == "Contact" and value == "*"):
+                parse_address(value, need_uri=True)
+    if message.get("Max-Forwards") is not None:
+        parse_number(message.get("Max-Forwards"), what="Max-Forwards", maximum=255, digits=3)
+    if message.get("Expires") is not None:
+        parse_number(message.get("Expires"), what="Expires", maximum=2**32 - 1)
 
 
 def parse_message(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> SIPMessage | None:
@@ -312,15 +355,21 @@ def _params(text: str) -> dict[str, str | None]:
     return params
 
 
-def parse_address(value: str) -> Address:
-    """Parse ``"Alice" <sip:alice@host>;tag=x`` or ``sip:alice@host;tag=x``."""
-    value = value.strip()
+def parse_address(value: str | None, *, need_uri: bool = False) -> Address:
+    """Parse ``"Alice" <sip:alice@host>;tag=x`` or ``sip:alice@host;tag=x``.
+
+    ``need_uri``: also require ``scheme:`` in the URI (what the header check asks of every address).
+    """
+    value = (value or "").strip()
     if "<" in value:
         lt, gt = value.find("<"), value.find(">")
         if gt < lt:
             raise SIPParseError(f"bad address {value[:80]!r}")
+        uri = value[lt + 1:gt].strip()
+        if need_uri and ":" not in uri:
+            raise SIPParseError(f"bad address {value[:80]!r}")
         display = value[:lt].strip().strip('"').strip()
-        return Address(uri=value[lt + 1:gt].strip(), display_name=display, params=_params(value[gt + 1:]))
+        return Address(uri=uri, display_name=display, params=_params(value[gt + 1:]))
     uri, _, params = value.partition(";")
     if ":" not in uri:
         raise SIPParseError(f"bad address {value[:80]!r}")
@@ -350,8 +399,8 @@ class Via:
 def parse_via(value: str) -> Via:
     """Parse one Via element."""
     protocol, _, rest = value.strip().partition(" ")
-    parts = protocol.split("/")
-    if len(parts) != 3 or parts[0].upper() != "SIP":
+    parts = [part.strip() for part in protocol.split("/")]
+    if len(parts) != 3 or parts[0].upper() != "SIP" or not _TOKEN.match(parts[2]):
         raise SIPParseError(f"bad Via {value[:80]!r}")
     sent_by, _, params = rest.strip().partition(";")
     host, port = split_host_port(sent_by.strip())
@@ -359,18 +408,23 @@ def parse_via(value: str) -> Via:
 
 
 def split_host_port(text: str) -> tuple[str, int | None]:
-    """``host``, ``host:port``, ``[v6]:port`` → (host, port or None)."""
+    """``host``, ``host:port``, ``[v6]:port`` → (host, port or None); SIPParseError for anything else."""
     if text.startswith("["):
         end = text.find("]")
+        if end < 0:
+            raise SIPParseError(f"bad host in {text[:80]!r}")
         host, rest = text[1:end], text[end + 1:]
-        port_text = rest[1:] if rest.startswith(":") else ""
+        if not _IPV6.match(host):
+            raise SIPParseError(f"bad IPv6 host in {text[:80]!r}")
+        if rest and not rest.startswith(":"):
+            raise SIPParseError(f"bad host in {text[:80]!r}")
+        port_text, has_port = rest[1:], rest.startswith(":")
     else:
-        host, _, port_text = text.partition(":")
-    if not host:
-        raise SIPParseError(f"no host in {text!r}")
-    if port_text and (not port_text.isdigit() or not 0 < int(port_text) < 65536):
-        raise SIPParseError(f"bad port in {text!r}")
-    return host, int(port_text) if port_text else None
+        host, has_port, port_text = text.partition(":")
+        if not _HOST.match(host):
+            raise SIPParseError(f"bad host in {text[:80]!r}")
+    port = parse_number(port_text, what="port", minimum=1, maximum=65535, digits=5) if has_port else None
+    return host, port
 
 
 def uri_host_port(uri: str) -> tuple[str, int | None]:

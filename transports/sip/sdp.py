@@ -8,12 +8,19 @@ rejected with port 0. When an INVITE carries no SDP we make the offer and read t
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import time
 from dataclasses import dataclass, field
 
 STATIC_PAYLOADS = {0: ("PCMU", 8000), 8: ("PCMA", 8000), 13: ("CN", 8000)}
 SUPPORTED_CODECS = ("PCMU", "PCMA")
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
+MAX_LINES = 512
+MAX_MEDIA = 16
+MAX_FORMATS = 64
+_PORT = re.compile(r"^([0-9]{1,5})(?:/([0-9]{1,3}))?$")  # ASCII digits only, never str.isdigit()
+_PAYLOAD_TYPE = re.compile(r"^[0-9]{1,3}$")
 _ANSWER_DIRECTION = {"sendrecv": "sendrecv", "sendonly": "recvonly", "recvonly": "sendonly", "inactive": "inactive"}
 
 
@@ -72,18 +79,39 @@ class Negotiated:
         return self.remote_host, self.remote_port
 
 
+def payload_type(text: str) -> int | None:
+    """An RTP payload type 0..127 written in ASCII digits, else None."""
+    if not _PAYLOAD_TYPE.match(text):
+        return None
+    number = int(text)
+    return number if number <= 127 else None
+
+
 def _connection_address(value: str) -> str:
+    """The address of a c= line: an IPv4/IPv6 literal of the stated family (never a name: no DNS, RFC 3264
+    callers send literals), not multicast. ``0.0.0.0`` (old-style hold) is allowed."""
     parts = value.split()
     if len(parts) != 3 or parts[0] != "IN" or parts[1] not in ("IP4", "IP6"):
-        raise SDPError(f"bad c= line {value!r}")
-    return parts[2].split("/")[0]
+        raise SDPError(f"bad c= line {value[:60]!r}")
+    text = parts[2].split("/")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise SDPError(f"c= address is not an IP literal: {text[:60]!r}") from None
+    if address.version != (4 if parts[1] == "IP4" else 6) or address.is_multicast:
+        raise SDPError(f"c= address not usable: {text[:60]!r}")
+    return str(address)
 
 
 def _media_line(value: str) -> Media:
     parts = value.split()
-    if len(parts) < 4 or not parts[1].split("/")[0].isdigit():
-        raise SDPError(f"bad m= line {value!r}")
-    return Media(kind=parts[0], port=int(parts[1].split("/")[0]), proto=parts[2], formats=parts[3:])
+    port = _PORT.match(parts[1]) if len(parts) >= 4 else None
+    if port is None or int(port.group(1)) > 65535 or len(parts) - 3 > MAX_FORMATS:
+        raise SDPError(f"bad m= line {value[:60]!r}")
+    media = Media(kind=parts[0], port=int(port.group(1)), proto=parts[2], formats=parts[3:])
+    if "RTP/" in media.proto and any(payload_type(fmt) is None for fmt in media.formats):
+        raise SDPError(f"bad payload type in m= line {value[:60]!r}")
+    return media
 
 
 def _attribute(media: Media | None, session: Session, value: str) -> None:
@@ -95,16 +123,16 @@ def _attribute(media: Media | None, session: Session, value: str) -> None:
             media.direction = name
     elif media is None:
         return
-    elif name == "rtpmap":
+    elif name == "rtpmap":  # attributes we cannot read are ignored, as RFC 4566 §5.13 allows
         pt, _, encoding = rest.partition(" ")
-        enc = encoding.split("/")
-        if pt.isdigit() and len(enc) >= 2 and enc[1].isdigit():
-            media.rtpmap[int(pt)] = (enc[0].upper(), int(enc[1]))
+        enc = encoding.strip().split("/")
+        if payload_type(pt) is not None and len(enc) >= 2 and re.fullmatch("[0-9]{1,6}", enc[1]):
+            media.rtpmap[payload_type(pt)] = (enc[0].upper(), int(enc[1]))
     elif name == "fmtp":
         pt, _, params = rest.partition(" ")
-        if pt.isdigit():
-            media.fmtp[int(pt)] = params.strip()
-    elif name == "ptime" and rest.strip().isdigit():
+        if payload_type(pt) is not None:
+            media.fmtp[payload_type(pt)] = params.strip()
+    elif name == "ptime" and re.fullmatch("[0-9]{1,4}", rest.strip()) and 1 <= int(rest.strip()) <= 1000:
         media.ptime = int(rest.strip())
 
 
@@ -116,6 +144,8 @@ def parse_sdp(text: str | bytes) -> Session:
     lines = [line.strip() for line in text.replace("\r\n", "\n").split("\n") if line.strip()]
     if not lines or not lines[0].startswith("v="):
         raise SDPError("SDP does not start with v=")
+    if len(lines) > MAX_LINES:
+        raise SDPError(f"SDP has {len(lines)} lines (> {MAX_LINES})")
     for line in lines:
         if len(line) < 2 or line[1] != "=":
             raise SDPError(f"bad SDP line {line[:60]!r}")
@@ -128,6 +158,8 @@ def parse_sdp(text: str | bytes) -> Session:
             else:
                 media.connection = _connection_address(value)
         elif key == "m":
+            if len(session.media) >= MAX_MEDIA:
+                raise SDPError(f"more than {MAX_MEDIA} m= lines")
             media = _media_line(value)
             session.media.append(media)
         elif key == "a":
@@ -136,18 +168,17 @@ def parse_sdp(text: str | bytes) -> Session:
 
 
 def _pick_codec(media: Media, codecs: tuple[str, ...]) -> tuple[int, str] | None:
-    for fmt in media.formats:
-        if fmt.isdigit():
-            codec = media.codec(int(fmt))
-            if codec and codec[0] in codecs and codec[1] == 8000:
-                return int(fmt), codec[0]
+    for pt in filter(lambda p: p is not None, map(payload_type, media.formats)):
+        codec = media.codec(pt)
+        if codec and codec[0] in codecs and codec[1] == 8000:
+            return pt, codec[0]
     return None
 
 
 def _dtmf_payload(media: Media) -> int | None:
-    for fmt in media.formats:
-        if fmt.isdigit() and media.rtpmap.get(int(fmt), ("", 0)) == ("TELEPHONE-EVENT", 8000):
-            return int(fmt)
+    for pt in filter(lambda p: p is not None, map(payload_type, media.formats)):
+        if media.rtpmap.get(pt, ("", 0)) == ("TELEPHONE-EVENT", 8000):
+            return pt
     return None
 
 
