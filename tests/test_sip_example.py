@@ -14,7 +14,7 @@ from aiortc.rtp import RtpPacket
 from pipecat.frames.frames import InputAudioRawFrame, TranscriptionFrame
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transcriptions.language import Language
-from test_sip_uas import HOST, Dialog, Peer
+from test_sip_uas import HOST, Dialog, Peer, media_port
 
 def load_example():
     from pipecat_nemotron import phone
@@ -59,18 +59,19 @@ async def test_phone_transcriber_writes_json_lines_and_plays_greeting(tmp_path):
     assert isinstance(args, argparse.Namespace)
     out = io.StringIO()
     ready = asyncio.Event()
-    server = asyncio.ensure_future(example.serve(args, stt_factory=FakeSTT, out=out, ready=ready))
+    server = asyncio.ensure_future(example.serve(args, stt_factory=lambda call: FakeSTT(), out=out, ready=ready))
     peer, rtp_peer = await Peer.open(), await Peer.open()
     try:
         await asyncio.wait_for(ready.wait(), 5)
         dialog = Dialog(peer, port, rtp_port=rtp_peer.port)
         dialog.invite()
-        dialog.take_tag(await peer.expect(status=200))
+        ok = await peer.expect(status=200)
+        dialog.take_tag(ok)
         dialog.ack()
-        _, server_rtp = await asyncio.wait_for(rtp_peer.inbox.get(), 2)
+        server_rtp = media_port(ok)  # the caller speaks first: we send nothing before its RTP arrives
         for seq in range(20):
             packet = RtpPacket(payload_type=0, sequence_number=seq, timestamp=seq * 160, ssrc=3, payload=b"\x20" * 160)
-            rtp_peer.send(packet.serialize(), server_rtp[1])
+            rtp_peer.send(packet.serialize(), server_rtp)
             await asyncio.sleep(0.005)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5

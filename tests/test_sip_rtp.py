@@ -88,7 +88,10 @@ async def test_symmetric_rtp_latching_and_continuous_sending():
         session.configure(Negotiated(codec="PCMU", payload_type=0, dtmf_payload_type=101, remote_host="127.0.0.1",
                                      remote_port=peer.getsockname()[1], direction="sendrecv"))
         session.start()
-        await asyncio.sleep(0.25)  # silence flows before anything was written
+        await asyncio.sleep(0.1)
+        assert session.stats.packets_out == 0  # nothing goes out before the peer's first packet
+        await loop.sock_sendto(peer, packet(1).serialize(), ("127.0.0.1", port))  # latches
+        await asyncio.sleep(0.25)  # then silence flows, though nothing was written
         received = []
         while True:
             try:
@@ -101,7 +104,6 @@ async def test_symmetric_rtp_latching_and_continuous_sending():
             list(range(len(received)))
         assert (received[1].timestamp - received[0].timestamp) & 0xFFFFFFFF == 160
 
-        await loop.sock_sendto(peer, packet(1).serialize(), ("127.0.0.1", port))
         await loop.sock_sendto(other, packet(2, ssrc=9).serialize(), ("127.0.0.1", port))  # injected: ignored
         await loop.sock_sendto(peer, packet(3, pt=96).serialize(), ("127.0.0.1", port))  # not negotiated
         await loop.sock_sendto(peer, b"\x80\xc8junk", ("127.0.0.1", port))  # RTCP-ish / junk
@@ -118,13 +120,16 @@ async def test_symmetric_rtp_latching_and_continuous_sending():
 
 async def test_rfc4733_sending_round_trips_through_the_decoder():
     session = RtpSession()
-    await session.open(host="127.0.0.1")
+    _, port = await session.open(host="127.0.0.1")
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind(("127.0.0.1", 0))
     peer.setblocking(False)
     try:
         session.configure(Negotiated(codec="PCMA", payload_type=8, dtmf_payload_type=96, remote_host="127.0.0.1",
                                      remote_port=peer.getsockname()[1], direction="sendrecv"))
+        await asyncio.get_running_loop().sock_sendto(peer, packet(1, pt=8).serialize(), ("127.0.0.1", port))
+        await asyncio.sleep(0.05)
+        assert session.latched == peer.getsockname()
         assert session.send_dtmf("5", duration_ms=60) and session.send_dtmf("#", duration_ms=40)
         for _ in range(12):
             session.send_packet()

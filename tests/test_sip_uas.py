@@ -9,9 +9,20 @@ import pytest
 from aiortc.rtp import RtpPacket
 from pipecat.frames.frames import InputAudioRawFrame, InputDTMFFrame
 
-from pipecat_nemotron.transports.sip.message import SIPRequest, SIPResponse, parse_address, parse_message, parse_via
+from pipecat_nemotron.transports.sip.message import SIPParseError, SIPRequest, SIPResponse, parse_address, parse_message, parse_via
 from pipecat_nemotron.transports.sip.sdp import parse_sdp
 from sip_support import HOST, Collector, calls_recorder, run_call_pipeline, serving, until
+
+
+def parse_well_formed(data: bytes):
+    """The server only ever sends well-formed SIP, except a 400 that echoes a request's own malformed
+    Via/From/To/CSeq values (RFC 3261 §8.2.6.2 copies them): None for such a 400 and for keep-alives."""
+    try:
+        return parse_message(data)
+    except SIPParseError:
+        if data.startswith(b"SIP/2.0 400 "):
+            return None
+        raise
 
 
 class Peer(asyncio.DatagramProtocol):
@@ -46,7 +57,7 @@ class Peer(asyncio.DatagramProtocol):
         deadline = loop.time() + timeout
         while True:
             data, _ = await asyncio.wait_for(self.inbox.get(), max(0.01, deadline - loop.time()))
-            message = parse_message(data)  # the server must only ever send well-formed SIP
+            message = parse_well_formed(data)
             if message is None:
                 continue
             if status is not None and isinstance(message, SIPResponse) and message.status == status:
@@ -63,12 +74,17 @@ class Peer(asyncio.DatagramProtocol):
                 data, _ = await asyncio.wait_for(self.inbox.get(), deadline - loop.time())
             except asyncio.TimeoutError:
                 break
-            message = parse_message(data)
+            message = parse_well_formed(data)
             found += isinstance(message, SIPResponse) and message.status == status
         return found
 
     def close(self):
         self.transport.close()
+
+
+def media_port(response: SIPResponse) -> int:
+    """Our RTP port, from the SDP of a 200."""
+    return parse_sdp(response.body).media[0].port
 
 
 def offer(rtp_port, direction="sendrecv"):
@@ -164,7 +180,10 @@ async def test_invite_answer_ack_then_caller_bye(peer, rtp_peer):
         call = calls[0]
         assert call.identity["caller"] == "sip:caller@example.com" and call.caller_name == "Test Caller"
         assert call.identity["asserted_identity"] == "sip:+15551234@example.com"
-        data, _ = await asyncio.wait_for(rtp_peer.inbox.get(), 1)  # our continuous RTP reaches the caller
+        await asyncio.sleep(0.1)
+        assert rtp_peer.inbox.empty()  # nothing sent before the caller's RTP arrives (no reflection)
+        rtp_peer.send(rtp(1), media_port(ok))
+        data, _ = await asyncio.wait_for(rtp_peer.inbox.get(), 1)  # then our continuous RTP reaches the caller
         assert RtpPacket.parse(data).payload_type == 0
         dialog.send("BYE")
         bye_ok = await peer.expect(status=200)
@@ -290,16 +309,16 @@ async def test_reinvite_to_new_media_address_relatches(peer, rtp_peer):
     async with serving(on_call) as server:
         with closing(await Peer.open()) as moved:
             dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
-            await dialog.connect()
-            _, server_rtp = await asyncio.wait_for(rtp_peer.inbox.get(), 2)
-            rtp_peer.send(rtp(1), server_rtp[1])
+            server_rtp = media_port(await dialog.connect())
+            rtp_peer.send(rtp(1), server_rtp)
             await until(lambda: calls and calls[0].rtp.latched == (HOST, rtp_peer.port))
             dialog.send("INVITE", body=offer(moved.port))  # e.g. the PBX moved the media to another endpoint
             await peer.expect(status=200)
             dialog.ack()
+            await until(lambda: calls[0].rtp.latched is None)  # the latch is released ...
+            moved.send(rtp(2), server_rtp)
+            await until(lambda: calls[0].rtp.latched == (HOST, moved.port))  # ... and taken by the new endpoint
             await asyncio.wait_for(moved.inbox.get(), 1)  # our RTP now goes to the new address
-            moved.send(rtp(2), server_rtp[1])
-            await until(lambda: calls[0].rtp.latched == (HOST, moved.port))
 
 
 async def test_call_limit_503_before_application_work(peer, rtp_peer):
@@ -385,6 +404,7 @@ async def test_delayed_offer_answer_in_ack(peer, rtp_peer):
         dialog.ack(body=answer)
         await until(lambda: calls and calls[0].negotiated is not None)
         assert calls[0].negotiated.codec == "PCMA"
+        rtp_peer.send(rtp(1, pt=8), media_port(ok))
         data, _ = await asyncio.wait_for(rtp_peer.inbox.get(), 1)
         assert RtpPacket.parse(data).payload_type == 8
 
@@ -469,15 +489,14 @@ async def test_transport_frames_dtmf_and_caller_hangup_ends_pipeline(peer, rtp_p
 
     async with serving(on_call) as server:
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
-        await dialog.connect()
-        _, server_rtp = await asyncio.wait_for(rtp_peer.inbox.get(), 2)
+        server_rtp = media_port(await dialog.connect())
         for seq in range(1, 11):
-            rtp_peer.send(rtp(seq), server_rtp[1])
+            rtp_peer.send(rtp(seq), server_rtp)
         for end in (False, True, True, True):  # digit 9, end packet three times
             rtp_peer.send(rtp(11, pt=101, ts=2000, payload=struct.pack("!BBH", 9, 0x8A if end else 0x0A, 400)),
-                          server_rtp[1])
+                          server_rtp)
         injected = await Peer.open()  # another port: ignored (symmetric RTP latching)
-        injected.send(rtp(12, payload=b"\x00" * 160), server_rtp[1])
+        injected.send(rtp(12, payload=b"\x00" * 160), server_rtp)
         await asyncio.sleep(0.3)
         dialog.send("BYE")
         await peer.expect(status=200)
@@ -498,12 +517,13 @@ async def test_bot_audio_reaches_caller_and_endframe_hangs_up(peer, rtp_peer):
 
     async def on_call(call):
         await call.confirmed.wait()
+        await until(lambda: call.rtp.latched is not None)  # we send once the caller's RTP has arrived
         await run_call_pipeline(call, collector, bot_audio=tone, bot_hangs_up_after=0)
         done.set()
 
     async with serving(on_call) as server:
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
-        await dialog.connect()
+        rtp_peer.send(rtp(1), media_port(await dialog.connect()))
         bye = await peer.expect(method="BYE", timeout=10)
         assert bye.call_id == dialog.call_id
         await asyncio.wait_for(done.wait(), 5)
@@ -568,13 +588,14 @@ async def test_bot_dtmf_goes_out_as_rfc4733_events(peer, rtp_peer):
 
     async def on_call(call):
         await call.confirmed.wait()
+        await until(lambda: call.rtp.latched is not None)
         await run_call_pipeline(call, Collector(), bot_hangs_up_after=0,
                                 bot_frames=[OutputDTMFFrame(buttons=[KeypadEntry.ONE, KeypadEntry.POUND])])
         done.set()
 
     async with serving(on_call) as server:
         dialog = Dialog(peer, server.port, rtp_port=rtp_peer.port)
-        await dialog.connect()
+        rtp_peer.send(rtp(1), media_port(await dialog.connect()))
         await peer.expect(method="BYE", timeout=10)
         await asyncio.wait_for(done.wait(), 5)
         decoder, digits = DTMFDecoder(), []

@@ -10,9 +10,11 @@ order at once when they arrive in order, a missing one is given up (and conceale
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiortc.rtp import RtpPacket
@@ -145,16 +147,35 @@ class RtpStats:
     dtmf_digits: str = ""
 
 
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
 class RtpSession(asyncio.DatagramProtocol):
     """RTP for one call over UDP: decoded audio and DTMF in ``events``, continuous 20 ms packets out.
 
-    ``events`` yields ``("audio", pcm16_8k_bytes)`` and ``("dtmf", digit)``. Symmetric RTP (RFC 4961):
-    the first packet of a negotiated payload type from a real source latches the peer's address; packets
-    from any other address are ignored and our packets go to the latched address (to the SDP address
-    until then). While the call is up a packet leaves every 20 ms, silence when nothing was written.
+    ``events`` yields ``("audio", pcm16_8k_bytes)`` and ``("dtmf", digit)``.
+
+    Symmetric RTP (RFC 4961), locked down: the first packet of a negotiated payload type latches its source,
+    but only a source whose IP is the SDP ``c=`` address or the SIP signalling source (``signalling_host``,
+    any port: NATs rewrite ports) and that ``source_allowed`` accepts (the server's ``allowed_peers``).
+    Packets from any other address are ignored. Nothing is sent before the latch: the SDP address is never
+    sent to on its own word, so an INVITE cannot aim our RTP at a third party (no reflection) and a caller
+    behind NAT opens its own pinhole with its first packet. Once latched a packet leaves every 20 ms
+    (silence when nothing was written) to the latched address only.
     """
 
-    def __init__(self, *, jitter_depth: int = 4, queue_size: int = 1000):
+    def __init__(self, *, jitter_depth: int = 4, queue_size: int = 1000, signalling_host: str | None = None,
+                 source_allowed: Callable[[str], bool] | None = None):
+        self.signalling_host = signalling_host
+        self._source_allowed = source_allowed or (lambda _ip: True)
+        self._expected: set = set()
         self.negotiated: Negotiated | None = None
         self.latched: tuple[str, int] | None = None
         self.stats = RtpStats()
@@ -163,6 +184,7 @@ class RtpSession(asyncio.DatagramProtocol):
         self._dtmf = DTMFDecoder()
         self._remote_ssrc: int | None = None
         self._transport: asyncio.DatagramTransport | None = None
+        self._closed = False
         self._out = bytearray()
         self._sender: asyncio.Task | None = None
         self._ssrc = random.getrandbits(32)
@@ -188,6 +210,9 @@ class RtpSession(asyncio.DatagramProtocol):
                 last_error = exc
                 continue
             bound = transport.get_extra_info("sockname")[:2]
+            if self._closed:  # the call ended while the socket was being bound
+                transport.close()
+                raise OSError("RTP session closed while opening")
             if bound[1] % 2 and attempt < len(candidates) - 1:
                 transport.close()  # an odd ephemeral port: try again for an even one (the last try keeps it)
                 continue
@@ -204,6 +229,8 @@ class RtpSession(asyncio.DatagramProtocol):
         if self.negotiated is not None and self.negotiated.remote != negotiated.remote:
             self.latched = None
         self.negotiated = negotiated
+        hosts = (negotiated.remote_host, self.signalling_host)
+        self._expected = {ip for ip in map(_ip, filter(None, hosts)) if ip is not None and not ip.is_unspecified}
 
     def start(self) -> None:
         """Start the continuous 20 ms sender."""
@@ -211,7 +238,8 @@ class RtpSession(asyncio.DatagramProtocol):
             self._sender = asyncio.get_running_loop().create_task(self._send_loop())
 
     def close(self) -> None:
-        """Stop sending and close the socket."""
+        """Stop sending and close the socket (for good: a later ``open`` fails)."""
+        self._closed = True
         if self._sender is not None:
             self._sender.cancel()
             self._sender = None
@@ -240,11 +268,17 @@ class RtpSession(asyncio.DatagramProtocol):
         while self._out and self._sender is not None and loop.time() < deadline:
             await asyncio.sleep(PTIME_S)
 
+    @property
+    def awaiting_latch(self) -> bool:
+        """We should send, but the peer's first RTP packet has not arrived yet."""
+        n = self.negotiated
+        return n is not None and n.we_send and self.latched is None and self._transport is not None
+
     def _destination(self) -> tuple[str, int] | None:
         n = self.negotiated
         if n is None or not n.we_send or n.remote_host in ("0.0.0.0", "::"):
             return None
-        return self.latched or n.remote
+        return self.latched  # None until the peer's first packet: no RTP to an address on the SDP's word
 
     def _next_payload(self) -> bytes:
         chunk = bytes(self._out[:BYTES_PER_PACKET])
@@ -285,8 +319,9 @@ class RtpSession(asyncio.DatagramProtocol):
         """Send one 20 ms packet now: a DTMF event packet, queued audio, or silence."""
         destination = self._destination()
         if destination is None or self._transport is None:
-            del self._out[:BYTES_PER_PACKET]
-            return
+            if not self.awaiting_latch:  # on hold: the bot's audio plays out into nothing, in real time
+                del self._out[:BYTES_PER_PACKET]
+            return  # before the caller's first packet the bot's audio waits (a greeting is heard from its start)
         dtmf = self._next_dtmf()
         if dtmf is not None:  # the bot's audio waits while a digit plays
             pt, timestamp, payload, marker = dtmf
@@ -328,6 +363,9 @@ class RtpSession(asyncio.DatagramProtocol):
         if not wanted or addr[1] == 0:
             return False
         if self.latched is None:
+            source = _ip(addr[0])
+            if source not in self._expected or not self._source_allowed(addr[0]):
+                return False  # neither the SDP c= nor the SIP source, or outside allowed_peers: not latched
             self.latched = addr
             logger.debug(f"RTP latched to {addr[0]}:{addr[1]}")
         return addr == self.latched
@@ -354,6 +392,11 @@ class RtpSession(asyncio.DatagramProtocol):
             for ready in self._reorder.push(packet):
                 pcm = bytes(BYTES_PER_PACKET) if ready is None else g711_decode(ready.payload, self.negotiated.codec)
                 self._emit("audio", pcm)
+
+    def report_dtmf(self, digit: str) -> None:
+        """A digit that arrived outside RTP (SIP INFO): counted and queued like an RFC 4733 one."""
+        self.stats.dtmf_digits += digit
+        self._emit("dtmf", digit)
 
     def _emit(self, kind: str, value: bytes | str) -> None:
         if self.events.full():

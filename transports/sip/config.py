@@ -1,0 +1,85 @@
+"""SIPConfig: where the SIP server listens, its call policy, and the limits that keep it up under abuse."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from .admission import CallAdmission
+
+
+@dataclass
+class SIPConfig:
+    """Where the server listens, its call policy and its transport limits (``transports/sip/README.md``).
+
+    Parameters:
+        host: Address to bind the SIP and RTP sockets to.
+        port: SIP port (0 picks a free one; see ``SIPUserAgentServer.port``).
+        advertised_host: Address put in Contact and SDP; by default the local address that routes to the caller.
+        max_calls: Concurrent calls; beyond it INVITEs get 503 (with Retry-After) before any application work.
+        allowed_peers: Addresses or networks (``"10.0.0.0/8"``) that may call, and send RTP; empty allows everyone.
+        max_call_secs: Calls are hung up (BYE) after this long; None for no limit.
+        rtp_timeout_secs: Hang up when no RTP arrived for this long while the caller should be sending
+            (not on hold); None to never. Catches callers that vanished without a BYE.
+        ring_secs: Time between 180 Ringing and 200 OK.
+        send_ringing: Send 180 Ringing before answering.
+        t1, t2: RFC 3261 timers (retransmission start and cap).
+        user_agent: Server / User-Agent header value.
+        tcp: Also accept SIP over TCP on the same port (responses and our BYE go back on the connection).
+        rtp_ports: (first, last) UDP port range for RTP (firewall rules); None picks free even ports.
+        admission: Asked for a reservation before a new call is answered (the STT engine); None: only max_calls.
+        retry_after_secs: Retry-After of every 503 (call limit, admission full, OPTIONS while full).
+        udp_receive_buffer: SO_RCVBUF asked for the SIP UDP socket (the kernel caps it at net.core.rmem_max).
+        udp_rate_per_source, udp_burst_per_source: Token bucket per source IP for SIP datagrams (messages per
+            second, burst); datagrams beyond it are dropped silently.
+        tcp_max_connections, tcp_max_per_source: Open TCP connections in all and per source IP; beyond them a
+            new connection is closed at once.
+        tcp_idle_secs: A TCP connection with no complete message (or keep-alive) for this long is closed.
+        tcp_message_secs: A message once begun must be complete within this long (slow headers/body).
+        tcp_keepalive_rate, tcp_keepalive_burst: CRLF keep-alives per second per connection (token bucket);
+            beyond it the connection is closed.
+    """
+
+    host: str = "0.0.0.0"
+    port: int = 5060
+    advertised_host: str | None = None
+    max_calls: int = 16
+    allowed_peers: tuple[str, ...] = ()
+    max_call_secs: float | None = 4 * 3600
+    rtp_timeout_secs: float | None = 60.0
+    ring_secs: float = 0.0
+    send_ringing: bool = True
+    t1: float = 0.5
+    t2: float = 4.0
+    user_agent: str = "pipecat-nemotron"
+    tcp: bool = True
+    rtp_ports: tuple[int, int] | None = None
+    admission: CallAdmission | None = None
+    retry_after_secs: int = 5
+    udp_receive_buffer: int = 4 * 1024 * 1024
+    udp_rate_per_source: float = 200.0
+    udp_burst_per_source: int = 400
+    tcp_max_connections: int = 256
+    tcp_max_per_source: int = 16
+    tcp_idle_secs: float = 120.0
+    tcp_message_secs: float = 10.0
+    tcp_keepalive_rate: float = 1.0
+    tcp_keepalive_burst: int = 10
+
+    def __post_init__(self):
+        self._networks = [ipaddress.ip_network(p, strict=False) for p in self.allowed_peers]
+
+    def allows(self, ip: str) -> bool:
+        """Whether a peer address may use the server."""
+        if not self._networks:
+            return True
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in net for net in self._networks)
+
+
+__all__ = ["SIPConfig"]

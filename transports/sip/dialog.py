@@ -1,0 +1,253 @@
+"""Dialogs (RFC 3261 §12): one :class:`SIPCall` per answered INVITE, found by Call-ID and both tags.
+
+Also the dialog's own duties: retransmitting our 2xx until the ACK (§13.3.1.4, the TU's job, not the
+transaction's) and building our BYE along the route set (§12.2.1.1). A call ends once, through
+:meth:`SIPCall.finish`, which releases everything it holds: timers, tasks, the RTP socket and the admission
+reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from .admission import Reservation
+from .message import SIPRequest, parse_address, split_list, uri_host_port
+from .rtp import RtpSession
+from .sdp import Negotiated, SDPBuilder
+from .wire import is_ip_literal
+
+if TYPE_CHECKING:
+    from .uas import SIPUserAgentServer
+
+Address = tuple[str, int]
+
+
+def new_tag() -> str:
+    return secrets.token_hex(6)
+
+
+def new_branch() -> str:
+    return "z9hG4bK" + secrets.token_hex(8)
+
+
+class SIPCall:
+    """One call (dialog) answered by the server, with its RTP session and the caller's identity.
+
+    Attributes: ``call_id``, ``caller_uri`` and ``caller_name`` (From), ``called_uri`` (To),
+    ``remote_address`` (ip, port of the INVITE), ``rtp`` (:class:`RtpSession`), ``negotiated``
+    (codec, payload types, direction), ``reservation`` (the admission's, released when the call ends),
+    ``outcome`` once it ended, and the ``ended`` event. The INVITE's headers were checked by the parser.
+    """
+
+    def __init__(self, *, server: SIPUserAgentServer, invite: SIPRequest, source: Address, rtp: RtpSession,
+                 reservation: Reservation | None = None, invite_key: tuple = ()):
+        caller = parse_address(invite.get("From"))
+        self.server = server
+        self.invite = invite
+        self.invite_key = invite_key
+        self.call_id = invite.call_id
+        self.caller_uri = caller.uri
+        self.caller_name = caller.display_name
+        self.called_uri = parse_address(invite.get("To")).uri
+        asserted = split_list(invite.get("P-Asserted-Identity") or "")
+        self.asserted_identity = parse_address(asserted[0]).uri if asserted else None
+        self.remote_address = source
+        self.remote_tag = caller.tag or ""
+        self.local_tag = new_tag()
+        contact = [c for c in invite.get_all("Contact") if c != "*"]
+        self.remote_target = parse_address(contact[0]).uri if contact else caller.uri
+        self.route_set = invite.get_all("Record-Route")
+        self.remote_cseq = invite.cseq[0]
+        self.local_cseq = 0
+        self.rtp = rtp
+        self.reservation = reservation
+        self.sdp: SDPBuilder | None = None
+        self.negotiated: Negotiated | None = None
+        self.offer_in_ack = False
+        self.state = "ringing"  # ringing → answered → confirmed → ended
+        self.outcome = ""
+        self.started_at = time.time()
+        self.answered_at: float | None = None
+        self.ended_at: float | None = None
+        self.ended = asyncio.Event()
+        self.confirmed = asyncio.Event()
+        self._ended_callbacks: list[Callable[[SIPCall], Awaitable[None] | None]] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._timers: list[asyncio.TimerHandle] = []
+
+    @property
+    def identity(self) -> dict:
+        """Who is calling: From URI and display name, P-Asserted-Identity, Call-ID, remote address."""
+        return {"call_id": self.call_id, "caller": self.caller_uri, "display_name": self.caller_name,
+                "called": self.called_uri, "asserted_identity": self.asserted_identity,
+                "remote_address": f"{self.remote_address[0]}:{self.remote_address[1]}"}
+
+    @property
+    def active(self) -> bool:
+        return self.state != "ended"
+
+    def add_ended_callback(self, callback: Callable[[SIPCall], Awaitable[None] | None]) -> None:
+        """Call ``callback(call)`` (sync or async) when the call ends, whoever ends it."""
+        if self.state == "ended":
+            self.spawn(self._run_callback(callback))
+        else:
+            self._ended_callbacks.append(callback)
+
+    async def hangup(self, reason: str = "local hangup") -> None:
+        """End the call from our side with a BYE (after the ACK, as RFC 3261 §15 asks)."""
+        await self.server.hangup(self, reason)
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Run ``coro`` as a task of this call (cancelled when the call ends)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """A timer of this call (cancelled when the call ends)."""
+        self._timers.append(asyncio.get_running_loop().call_later(delay, callback))
+
+    def finish(self, outcome: str) -> bool:
+        """End the call: release its timers, tasks, RTP socket and reservation; False if it had ended."""
+        if not self.active:
+            return False
+        self.state, self.outcome, self.ended_at = "ended", outcome, time.time()
+        for timer in self._timers:
+            timer.cancel()
+        current = asyncio.current_task()
+        for task in list(self._tasks):  # retransmissions and watchers of this call
+            if task is not current:
+                task.cancel()
+        self.rtp.close()
+        if self.reservation is not None:
+            try:
+                self.reservation.release()
+            except Exception:
+                logger.exception(f"call {self.call_id}: releasing the admission reservation failed")
+        self.ended.set()
+        self.confirmed.set()
+        for callback in self._ended_callbacks:
+            self.spawn(self._run_callback(callback))
+        return True
+
+    def summary(self) -> str:
+        """The call's one log line: who, how it ended, how long, codec and RTP counts."""
+        talk = f"{self.ended_at - self.answered_at:.1f}s" if self.answered_at and self.ended_at else "-"
+        codec = self.negotiated.codec if self.negotiated else "-"
+        s = self.rtp.stats
+        return (f"call {self.call_id} from {self.caller_uri} at {self.remote_address[0]}:{self.remote_address[1]}: "
+                f"{self.outcome}; duration {talk}, {codec}, rtp in {s.packets_in} out {s.packets_out} "
+                f"ignored {s.ignored}, dtmf {s.dtmf_digits or '-'}")
+
+    async def _run_callback(self, callback) -> None:
+        try:
+            result = callback(self)
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:
+            logger.exception(f"call {self.call_id}: ended callback failed")
+
+
+class Dialogs:
+    """The calls by Call-ID; a request belongs to a dialog when Call-ID, local tag (To) and remote tag (From)
+    all match. Ended calls stay ``linger`` seconds so a late Call-ID reuse is still seen as one."""
+
+    def __init__(self, *, linger: float = 32.0):
+        self.linger = linger
+        self.by_call_id: dict[str, SIPCall] = {}
+
+    def add(self, call: SIPCall) -> None:
+        self.by_call_id[call.call_id] = call
+
+    def __contains__(self, call_id: str) -> bool:
+        return call_id in self.by_call_id
+
+    @property
+    def active(self) -> list[SIPCall]:
+        return [call for call in self.by_call_id.values() if call.active]
+
+    def find(self, request: SIPRequest) -> SIPCall | None:
+        """The active dialog of an in-dialog request, or None (unknown, ended, or tags that do not match)."""
+        call = self.by_call_id.get(request.call_id)
+        if call is None or not call.active:
+            return None
+        if parse_address(request.get("To")).tag != call.local_tag:
+            return None
+        if (parse_address(request.get("From")).tag or "") != call.remote_tag:
+            return None
+        return call
+
+    def for_invite(self, key: tuple) -> SIPCall | None:
+        """The call whose INVITE server transaction has this key (what a CANCEL names)."""
+        for call in self.by_call_id.values():
+            if call.invite_key == key:
+                return call
+        return None
+
+    def forget_later(self, call: SIPCall) -> None:
+        asyncio.get_running_loop().call_later(self.linger, self._forget, call)
+
+    def _forget(self, call: SIPCall) -> None:
+        if self.by_call_id.get(call.call_id) is call:
+            del self.by_call_id[call.call_id]
+
+
+async def retransmit_until_ack(call: SIPCall, data: bytes, destination: Address,
+                               send: Callable[[bytes, Address], None], *, t1: float, t2: float) -> bool:
+    """Resend our 2xx at T1, 2·T1, … capped at T2 until ``call.confirmed`` (the ACK); False after 64·T1."""
+    interval, waited = t1, 0.0
+    while waited < 64 * t1:
+        try:
+            await asyncio.wait_for(asyncio.shield(call.confirmed.wait()), interval)
+            return True
+        except asyncio.TimeoutError:
+            pass
+        if not call.active:
+            return True
+        waited += interval
+        send(data, destination)
+        interval = min(interval * 2, t2)
+    return call.confirmed.is_set()
+
+
+def build_bye(call: SIPCall, *, via_host: str, via_port: int, protocol: str,
+              user_agent: str) -> tuple[SIPRequest, Address]:
+    """Our BYE for ``call`` (RFC 3261 §15.1.1) and where it goes: the first route, else the INVITE's source.
+
+    A route whose host is a name rather than an IP literal is not resolved (no DNS on the event loop): the
+    BYE then goes back to where the INVITE came from.
+    """
+    call.local_cseq = max(call.local_cseq + 1, 1)
+    bye = SIPRequest(method="BYE", uri=call.remote_target)
+    bye.add("Via", f"SIP/2.0/{protocol} {via_host}:{via_port};branch={new_branch()};rport")
+    bye.add("Max-Forwards", "70")
+    for route in call.route_set:
+        bye.add("Route", route)
+    to = parse_address(call.invite.get("To"))
+    to.params["tag"] = call.local_tag
+    bye.add("From", str(to))
+    bye.add("To", call.invite.get("From"))
+    bye.add("Call-ID", call.call_id)
+    bye.add("CSeq", f"{call.local_cseq} BYE")
+    bye.add("User-Agent", user_agent)
+    destination = call.remote_address  # no proxy: back to where the INVITE came from (NAT-safe)
+    if call.route_set:
+        try:
+            host, port = uri_host_port(parse_address(call.route_set[0]).uri)
+        except ValueError:
+            host, port = "", None
+        if is_ip_literal(host):
+            destination = (host, port or 5060)
+        else:
+            logger.info(f"call {call.call_id}: route {host!r} is not an IP literal; BYE to the INVITE's source")
+    return bye, destination
+
+
+__all__ = ["Dialogs", "SIPCall", "build_bye", "new_branch", "new_tag", "retransmit_until_ack"]

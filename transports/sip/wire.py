@@ -1,0 +1,327 @@
+"""SIP on the wire: one UDP socket and one TCP listener on the same port, framing, limits and keep-alives.
+
+Bytes become messages here and nowhere else: the one ``try`` around the parser is in this module, and a
+malformed request gets a 400 built from its raw headers (or is dropped when not even that is readable).
+Everything above sees only ``on_message(message, source)`` and calls :meth:`SIPWire.send`.
+
+Limits (all in :class:`SIPConfig`): a token bucket per source IP for datagrams and TCP messages (beyond it:
+dropped silently), a larger UDP receive buffer, a cap on TCP connections in all and per source IP, an idle
+timeout, a deadline for a message once begun (slow headers or body), a token bucket for CRLF keep-alives per
+connection, and a cap on what may wait in a connection's send buffer. Nothing here resolves names: a
+destination that is not an IP literal is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import secrets
+import socket
+from collections.abc import Callable
+
+from loguru import logger
+
+from .config import SIPConfig
+from .message import MAX_MESSAGE_SIZE, SIPMessage, SIPParseError, canonical_name, parse_message, parse_stream
+
+Address = tuple[str, int]
+MAX_SEND_BUFFER = 256 * 1024  # bytes a TCP peer may leave unread before its connection is closed
+MAX_RATE_SOURCES = 10_000  # source IPs tracked by the rate limiter
+_TOKEN = re.compile(r"^[A-Za-z0-9.!%*_+`'~-]+$")
+
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; ``take(n)`` says whether n were there (and takes them)."""
+
+    def __init__(self, *, rate: float, burst: float, now: float):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.stamp = burst, now
+
+    def take(self, now: float, n: float = 1.0) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True
+
+    def full(self, now: float) -> bool:
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
+
+class SourceRateLimiter:
+    """A token bucket per source IP, the table bounded (idle sources are forgotten first)."""
+
+    def __init__(self, *, rate: float, burst: float):
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[str, TokenBucket] = {}
+        self._dropping: set[str] = set()
+        self.dropped = 0
+
+    def allow(self, ip: str, now: float) -> bool:
+        bucket = self._buckets.get(ip)
+        if bucket is None:
+            if len(self._buckets) >= MAX_RATE_SOURCES:
+                self._prune(now)
+            bucket = self._buckets[ip] = TokenBucket(rate=self.rate, burst=self.burst, now=now)
+        if bucket.take(now):
+            self._dropping.discard(ip)
+            return True
+        self.dropped += 1
+        if ip not in self._dropping:
+            self._dropping.add(ip)
+            logger.warning(f"SIP from {ip}: over {self.rate:g} messages/s, dropping until it slows down")
+        return False
+
+    def _prune(self, now: float) -> None:
+        for ip in [ip for ip, bucket in self._buckets.items() if bucket.full(now)]:
+            del self._buckets[ip]
+        while len(self._buckets) >= MAX_RATE_SOURCES:  # all busy: forget the oldest
+            del self._buckets[next(iter(self._buckets))]
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+class _UDP(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram: Callable[[bytes, Address], None]):
+        self._on_datagram = on_datagram
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self._on_datagram(data, (addr[0], addr[1]))
+
+    def error_received(self, exc: Exception) -> None:  # ICMP unreachable for something we sent: nothing to do
+        logger.debug(f"SIP UDP socket: {exc}")
+
+
+class SIPWire:
+    """UDP and TCP for the SIP server: parsed messages to ``on_message(message, source)``, bytes out via ``send``.
+
+    Parameters:
+        config: Address, port and the transport limits.
+        on_message: Called with every well-formed message and its source (ip, port); for TCP the source is the
+            connection's peer address, and ``send`` to it writes on that connection.
+    """
+
+    def __init__(self, *, config: SIPConfig, on_message: Callable[[SIPMessage, Address], None]):
+        self.config = config
+        self.on_message = on_message
+        self.address: Address | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp_server: asyncio.Server | None = None
+        self._streams: dict[Address, asyncio.StreamWriter] = {}
+        self._per_source: dict[str, int] = {}
+        self._limiter = SourceRateLimiter(rate=config.udp_rate_per_source, burst=config.udp_burst_per_source)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> Address:
+        """Bind UDP (and TCP on the same port when ``config.tcp``); returns (host, port)."""
+        loop = asyncio.get_running_loop()
+        self._udp, _ = await loop.create_datagram_endpoint(lambda: _UDP(self._datagram),
+                                                           local_addr=(self.config.host, self.config.port))
+        self.address = self._udp.get_extra_info("sockname")[:2]
+        self._grow_receive_buffer()
+        transports = "udp"
+        if self.config.tcp:
+            try:
+                self._tcp_server = await asyncio.start_server(self._serve_connection, self.address[0],
+                                                              self.address[1], limit=MAX_MESSAGE_SIZE)
+                transports = "udp+tcp"
+            except OSError as exc:
+                logger.warning(f"SIP over TCP not available on port {self.address[1]}: {exc}")
+        logger.info(f"SIP server listening on {transports} {self.address[0]}:{self.address[1]}")
+        return self.address
+
+    def _grow_receive_buffer(self) -> None:
+        sock = self._udp.get_extra_info("socket")
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.udp_receive_buffer)
+            granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        except OSError as exc:
+            logger.warning(f"SIP UDP receive buffer left as it is: {exc}")
+            return
+        if granted < self.config.udp_receive_buffer:  # Linux reports twice what it grants, capped by rmem_max
+            logger.info(f"SIP UDP receive buffer {granted} bytes (asked {self.config.udp_receive_buffer}; "
+                        "raise net.core.rmem_max for more)")
+
+    async def close(self) -> None:
+        if self._tcp_server is not None:
+            self._tcp_server.close()
+            self._tcp_server = None
+        for stream in list(self._streams.values()):
+            stream.close()
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+
+    @property
+    def connections(self) -> int:
+        """Open TCP connections."""
+        return len(self._streams)
+
+    def is_stream(self, peer: Address) -> bool:
+        """Whether ``peer`` is a TCP connection (responses and requests to it go on that connection)."""
+        return peer in self._streams
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def send(self, data: bytes, destination: Address) -> None:
+        """On the TCP connection with that peer when there is one, else UDP. Never resolves a name."""
+        stream = self._streams.get(destination)
+        if stream is not None:
+            if stream.is_closing():
+                return
+            if stream.transport.get_write_buffer_size() > MAX_SEND_BUFFER:
+                logger.warning(f"SIP over TCP to {destination[0]}:{destination[1]}: peer not reading; closing")
+                stream.close()
+                return
+            stream.write(data)
+            return
+        host, port = destination
+        if self._udp is None or not is_ip_literal(host) or not 0 < port < 65536:
+            logger.debug(f"SIP to {host!r}:{port} not sent (not an IP literal and port)")
+            return
+        self._udp.sendto(data, (host, port))
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    def _datagram(self, data: bytes, source: Address) -> None:
+        if not self._limiter.allow(source[0], asyncio.get_running_loop().time()):
+            return
+        try:
+            message = parse_message(data)
+        except SIPParseError as exc:
+            logger.warning(f"SIP from {source[0]}:{source[1]} malformed ({exc}); {len(data)} bytes")
+            self._answer_malformed(data, source, exc)
+            return
+        if message is None:  # CRLF keep-alive (RFC 5626 §4.4.1): answer a double CRLF with a single one
+            if data.startswith(b"\r\n\r\n"):
+                self.send(b"\r\n", source)
+            return
+        self._deliver(message, source)
+
+    def _deliver(self, message: SIPMessage, source: Address) -> None:
+        try:
+            self.on_message(message, source)
+        except Exception:  # the layers above answer what they can; a bug there must not stop the socket
+            logger.exception(f"SIP message from {source[0]}:{source[1]} failed")
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One TCP connection: messages framed by Content-Length, responses back on the same connection."""
+        peer = writer.get_extra_info("peername")[:2]
+        if len(self._streams) >= self.config.tcp_max_connections or \
+                self._per_source.get(peer[0], 0) >= self.config.tcp_max_per_source:
+            logger.warning(f"SIP over TCP from {peer[0]}:{peer[1]} refused: connection limit "
+                           f"({len(self._streams)} open, {self._per_source.get(peer[0], 0)} from this address)")
+            writer.close()
+            return
+        self._streams[peer] = writer
+        self._per_source[peer[0]] = self._per_source.get(peer[0], 0) + 1
+        why = "closed by peer"
+        try:
+            why = await self._read_messages(reader, writer, peer)
+        except SIPParseError as exc:
+            why = f"malformed ({exc})"
+        except (ConnectionError, asyncio.IncompleteReadError):
+            why = "connection lost"
+        finally:
+            if self._streams.get(peer) is writer:
+                del self._streams[peer]
+            self._per_source[peer[0]] -= 1
+            if not self._per_source[peer[0]]:
+                del self._per_source[peer[0]]
+            writer.close()
+        logger.debug(f"SIP over TCP from {peer[0]}:{peer[1]}: {why}")
+
+    async def _read_messages(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             peer: Address) -> str:
+        """Read until the peer leaves or breaks a limit; returns why the connection ends."""
+        loop = asyncio.get_running_loop()
+        config = self.config
+        keepalives = TokenBucket(rate=config.tcp_keepalive_rate, burst=config.tcp_keepalive_burst, now=loop.time())
+        buffer, message_deadline = b"", None
+        while True:
+            if message_deadline is None:
+                timeout, limit = config.tcp_idle_secs, "idle"
+            else:
+                timeout, limit = message_deadline - loop.time(), "message not completed in time"
+            try:
+                data = await asyncio.wait_for(reader.read(65536), max(timeout, 0.0))
+            except asyncio.TimeoutError:
+                logger.info(f"SIP over TCP from {peer[0]}:{peer[1]}: {limit}; closing")
+                return limit
+            if not data:
+                return "closed by peer"
+            buffer += data
+            while True:
+                stripped = buffer.lstrip(b"\r\n")
+                crlf = len(buffer) - len(stripped)
+                if crlf:  # keep-alives between messages (RFC 5626 §3.5.1): bounded per connection
+                    if not keepalives.take(loop.time(), max(1, crlf // 4)):
+                        logger.warning(f"SIP over TCP from {peer[0]}:{peer[1]}: keep-alive flood; closing")
+                        return "keep-alive flood"
+                    if crlf >= 4:
+                        self.send(b"\r\n", peer)
+                    buffer = stripped
+                if not buffer:
+                    message_deadline = None
+                    break
+                if message_deadline is None:
+                    message_deadline = loop.time() + config.tcp_message_secs
+                try:
+                    message, used = parse_stream(buffer)
+                except SIPParseError as exc:
+                    logger.warning(f"SIP over TCP from {peer[0]}:{peer[1]} malformed ({exc}); closing")
+                    self._answer_malformed(buffer, peer, exc)
+                    return "malformed"
+                if message is None:
+                    break
+                buffer, message_deadline = buffer[used:], None
+                if self._limiter.allow(peer[0], loop.time()):
+                    self._deliver(message, peer)
+
+    # --- malformed requests -------------------------------------------------------------------
+
+    def _answer_malformed(self, data: bytes, source: Address, error: SIPParseError) -> None:
+        """A 400 when the request names its transaction (Via, From, To, Call-ID, CSeq) in readable text.
+
+        The header values are copied as they came (they may be what was malformed) and the 400 goes back to
+        the source address; binary junk, responses and ACKs are dropped.
+        """
+        head = data.lstrip(b"\r\n").split(b"\r\n\r\n", 1)[0][:8192]
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            return
+        lines = text.split("\r\n")
+        if any(ord(c) < 32 and c != "\t" for line in lines for c in line):
+            return  # control characters or bare CR/LF: nothing safe to echo back
+        start = lines[0].split(" ")
+        if len(start) != 3 or start[2] != "SIP/2.0" or not _TOKEN.match(start[0]) or start[0].upper() == "ACK":
+            return
+        fields: dict[str, list[str]] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep and _TOKEN.match(name.strip()) and len(value) < 2048:
+                fields.setdefault(canonical_name(name), []).append(value.strip())
+        if not all(fields.get(name) for name in ("Via", "From", "To", "Call-ID", "CSeq")):
+            return
+        to = fields["To"][0]
+        if ";tag=" not in to.lower():
+            to += f";tag={secrets.token_hex(6)}"
+        reason = "".join(c for c in str(error) if 32 <= ord(c) < 127)[:100]
+        out = [f"SIP/2.0 400 Bad Request ({reason})"]
+        out += [f"Via: {via}" for via in fields["Via"][:64]]
+        out += [f"From: {fields['From'][0]}", f"To: {to}", f"Call-ID: {fields['Call-ID'][0]}",
+                f"CSeq: {fields['CSeq'][0]}", f"Server: {self.config.user_agent}", "Content-Length: 0"]
+        self.send(("\r\n".join(out) + "\r\n\r\n").encode("utf-8"), source)
+
+
+__all__ = ["SIPWire", "SourceRateLimiter", "TokenBucket", "is_ip_literal"]
