@@ -187,8 +187,14 @@ def create_app(*, model: str = DEFAULT_MODEL, chunk_ms: int = 160, language: Lan
         return Response(f'<?xml version="1.0" encoding="UTF-8"?>\n<Response>{body}</Response>',
                         media_type="application/xml")
 
+    def full() -> bool:
+        engine = state.get("engine")
+        return engine is None or not engine.has_capacity
+
     @app.api_route("/twiml", methods=["GET", "POST"])
     async def twiml(request: Request):
+        if full():  # refuse before Twilio answers the call: the caller hears busy, not a dropped call
+            return xml('<Reject reason="busy"/>')
         return xml(f'<Connect><Stream url="{escape(ws_url(request))}"/></Connect>')
 
     @app.api_route("/texml", methods=["GET", "POST"])
@@ -202,10 +208,20 @@ def create_app(*, model: str = DEFAULT_MODEL, chunk_ms: int = 160, language: Lan
 
     @app.websocket("/ws")
     async def media(websocket: WebSocket):
-        await websocket.accept()
-        await run_call(websocket)
+        # One capacity truth: reserve the call's engine stream before the media stream is accepted; when
+        # none is free the websocket is refused (HTTP 403 to the provider) instead of accepted and dropped.
+        reservation = state["engine"].try_reserve() if state.get("engine") is not None else None
+        if reservation is None:
+            logger.warning("media stream refused: no free transcription stream")
+            await websocket.close(code=1013)
+            return
+        try:
+            await websocket.accept()
+            await run_call(websocket, reservation)
+        finally:
+            reservation.release()
 
-    async def run_call(websocket: WebSocket) -> CallRecord | None:
+    async def run_call(websocket: WebSocket, reservation=None) -> CallRecord | None:
         from pipecat.runner.utils import parse_telephony_websocket
         from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPIWebsocketTransport
 
@@ -221,7 +237,7 @@ def create_app(*, model: str = DEFAULT_MODEL, chunk_ms: int = 160, language: Lan
         app.state.calls.append(record)
         transport = FastAPIWebsocketTransport(websocket=websocket, params=FastAPIWebsocketParams(
             audio_in_enabled=True, audio_out_enabled=True, add_wav_header=False, serializer=serializer))
-        stt = NemotronSTTService(engine=state["engine"], chunk_ms=chunk_ms, language=language)
+        stt = NemotronSTTService(engine=state["engine"], chunk_ms=chunk_ms, language=language, reservation=reservation)
         vad = VADProcessor(vad_analyzer=WebRTCVADAnalyzer(mode=2, params=VADParams(stop_secs=vad_stop_secs)))
         processors = [transport.input(), vad, stt, ChimeOnFinal(record, chime_audio=None if chime_back else b""),
                       transport.output()]

@@ -11,7 +11,11 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.workers.runner import WorkerRunner
 
-GRACEFUL_END_S = 6.0  # after the client left: the STT's finals may take up to 5 s (END_FLUSH_TIMEOUT_S)
+from .stt import END_FLUSH_MAX_S
+
+# After the client left, the pipeline is cancelled if still running this long: the STT waits for its last
+# finals as long as the engine's backlog needs (at most END_FLUSH_MAX_S), so only a stuck stage hits this.
+GRACEFUL_END_S = END_FLUSH_MAX_S + 5.0
 
 
 async def run_until_client_leaves(transport, processors: list, record, *, params: PipelineParams, left: str,

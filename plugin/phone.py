@@ -117,34 +117,41 @@ def _vad_analyzer(stop_secs: float):
     return WebRTCVADAnalyzer(params=VADParams(stop_secs=stop_secs))
 
 
-def make_stt(args: argparse.Namespace):
-    """One NemotronSTTService per call; they all share the engine preloaded at start-up."""
+def make_stt(args: argparse.Namespace, *, engine=None, reservation=None):
+    """One NemotronSTTService per call, on the engine stream the SIP server reserved before answering; they all
+    share the engine preloaded at start-up."""
     from .languages import locale_to_language
     from .stt import NemotronSTTService
 
     language = None if args.language in (None, "auto") else locale_to_language(args.language)
-    return NemotronSTTService(model=args.model, chunk_ms=args.chunk_ms, language=language, device=args.device)
+    return NemotronSTTService(model=args.model, chunk_ms=args.chunk_ms, language=language, device=args.device,
+                              engine=engine, reservation=reservation)
 
 
 async def serve(args: argparse.Namespace, *, stt_factory=None, out: IO[str] | None = None,
                 ready: asyncio.Event | None = None) -> None:
     """Load the model, then answer calls until cancelled."""
     out = out or (sys.stdout if args.output == "-" else open(args.output, "a", encoding="utf-8"))
+    admission = None
     if stt_factory is None:
         from .stt import NemotronSTTService
 
         started = time.monotonic()
-        await NemotronSTTService.preload(model=args.model, chunk_ms=args.chunk_ms, device=args.device,
-                                         max_streams=max(args.max_calls, 1))
+        engine = await NemotronSTTService.preload(model=args.model, chunk_ms=args.chunk_ms, device=args.device,
+                                                  max_streams=max(args.max_calls, 1))
         logger.info(f"model {args.model} ready in {time.monotonic() - started:.1f} s")
-        stt_factory = lambda: make_stt(args)  # noqa: E731
+        # One capacity truth: the SIP server reserves an engine stream before it answers (503 + Retry-After
+        # when none is free, OPTIONS 503 while full); the call's STT service runs on that reservation.
+        admission = engine
+        stt_factory = lambda call: make_stt(args, engine=engine, reservation=call.reservation)  # noqa: E731
     greeting = load_greeting(args.greeting) if args.greeting else None
 
     async def on_call(call: SIPCall):
-        await run_call(call, stt=stt_factory(), out=out, greeting=greeting)
+        await run_call(call, stt=stt_factory(call), out=out, greeting=greeting)
 
     config = SIPConfig(host=args.host, port=args.port, advertised_host=args.advertise, max_calls=args.max_calls,
-                       allowed_peers=tuple(args.allow), max_call_secs=args.max_call_secs or None)
+                       allowed_peers=tuple(args.allow), max_call_secs=args.max_call_secs or None,
+                       admission=admission)
     server = SIPServer(on_call=on_call, config=config)
     host, port = await server.start()
     logger.info(f"phone transcriber on sip:transcriber@{host}:{port} (max {args.max_calls} calls)")

@@ -48,6 +48,7 @@ from .engine import DEFAULT_MODEL, Engine
 STATIC_DIR = Path(__file__).parent / "static"
 MESSAGE_LABEL = "pipecat-nemotron"
 PIPELINE_RATE = 16000
+RETRY_AFTER_S = 5  # a 503 for an offer beyond capacity says when to try again
 DEFAULT_SYSTEM_PROMPT = ("You are a helpful voice assistant. The user's words come from speech recognition and may "
                          "contain errors. Answer briefly, in the language the user speaks.")
 
@@ -246,17 +247,31 @@ class WebRTCServer:
         @app.post("/api/offer")
         async def offer(request: Request):
             body = await request.json()
-            if not body.get("pc_id") and self.live_sessions >= self.max_sessions:
-                raise HTTPException(status_code=503, detail=f"busy: {self.max_sessions} sessions are live")
+            reservation = None
+            if not body.get("pc_id"):  # a new call (not a renegotiation): reserve its engine stream first
+                reservation = self.engine.try_reserve() if self.live_sessions < self.max_sessions else None
+                if reservation is None:
+                    return JSONResponse({"error": f"busy: no free transcription stream ({self.live_sessions} "
+                                                  "sessions are live); try again shortly"},
+                                        status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+            claimed = []
+
+            async def on_connection(connection):
+                claimed.append(reservation)
+                await self._on_connection(connection, reservation)
+
             try:
                 answer = await self.handler.handle_web_request(
                     SmallWebRTCRequest.from_dict({k: body.get(k) for k in ("sdp", "type", "pc_id", "restart_pc")
                                                   if k in body}),
-                    self._on_connection)
+                    on_connection)
             except HTTPException:
                 raise
             except Exception as error:  # a malformed offer: say so instead of a bare 500
                 return JSONResponse({"error": f"bad offer: {error}"}, status_code=400)
+            finally:
+                if reservation is not None and not claimed:  # no session took it: give it back at once
+                    reservation.release()
             return answer
 
         @app.patch("/api/offer")
@@ -271,14 +286,15 @@ class WebRTCServer:
 
         return app
 
-    async def _on_connection(self, connection) -> None:
-        task = asyncio.get_running_loop().create_task(self.run_session(connection))
+    async def _on_connection(self, connection, reservation=None) -> None:
+        task = asyncio.get_running_loop().create_task(self.run_session(connection, reservation))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     # ---- one call -----------------------------------------------------------------------------------
-    async def run_session(self, connection) -> SessionRecord:
-        """Run the pipeline for one peer connection until the browser leaves."""
+    async def run_session(self, connection, reservation=None) -> SessionRecord:
+        """Run the pipeline for one peer connection until the browser leaves, on the engine stream reserved
+        when its offer was answered (released when the session ends, however it ends)."""
         from pipecat.pipeline.worker import PipelineParams
         from pipecat.processors.audio.vad_processor import VADProcessor
         from pipecat.transports.base_transport import TransportParams
@@ -299,7 +315,8 @@ class WebRTCServer:
 
         transport = SmallWebRTCTransport(webrtc_connection=connection, params=TransportParams(
             audio_in_enabled=True, audio_in_sample_rate=PIPELINE_RATE, audio_out_enabled=False))
-        stt = NemotronSTTService(engine=self.engine, chunk_ms=self.chunk_ms, language=self.language)
+        stt = NemotronSTTService(engine=self.engine, chunk_ms=self.chunk_ms, language=self.language,
+                                 reservation=reservation)
         vad = VADProcessor(vad_analyzer=WebRTCVADAnalyzer(mode=2, params=VADParams(stop_secs=self.vad_stop_secs)))
         processors = [transport.input(), vad, stt, TranscriptRelay(record, send)]
         if self.llm is not None:
@@ -320,6 +337,8 @@ class WebRTCServer:
             if record.errors and record.outcome in ("client left", "ended"):
                 record.outcome += " with errors"
             logger.info(record.summary())
+            if reservation is not None:
+                reservation.release()
             try:
                 await connection.disconnect()
             except Exception:

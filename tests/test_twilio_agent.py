@@ -170,3 +170,26 @@ async def test_twiml_points_twilio_at_the_websocket(tiny_engine):
     assert '<Connect><Stream url="wss://agent.example.com/ws"/></Connect>' in twiml
     assert 'bidirectionalMode="rtp"' in texml and "wss://agent.example.com/ws" in texml
     assert 'bidirectional="true"' in plivo and ">wss://agent.example.com/ws</Stream>" in plivo
+
+
+async def test_a_call_beyond_capacity_is_refused_before_it_is_answered(tiny_engine):
+    """Every engine stream is reserved: TwiML rejects the call as busy (Twilio never answers it) and a media
+    stream that arrives anyway is refused before it is accepted, so no call is answered and then dropped."""
+    import httpx
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    twilio_agent = load_example()
+    app = twilio_agent.create_app(engine=tiny_engine, auto_hang_up=False, public_host="agent.example.com")
+    held = [tiny_engine.try_reserve() for _ in range(tiny_engine.max_streams)]
+    async with serve(app) as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        assert '<Reject reason="busy"/>' in (await client.post("/twiml")).text
+        with pytest.raises(InvalidStatus):
+            async with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10):
+                pass
+        assert app.state.calls == []
+        held.pop().release()
+        assert "<Connect><Stream" in (await client.post("/twiml")).text
+    for reservation in held:
+        reservation.release()
+    assert tiny_engine.free_slots == tiny_engine.max_streams

@@ -403,3 +403,16 @@ def test_llm_config_from_env():
     config = LLMConfig.from_env({"OPENAI_API_KEY": "k", "OPENAI_MODEL": "m", "NEMOTRON_LLM_BASE_URL": "http://l/v1"})
     assert (config.api_key, config.model, config.base_url) == ("k", "m", "http://l/v1")
     assert LLMConfig.from_env({"NEMOTRON_LLM_API_KEY": "a", "OPENAI_API_KEY": "b"}).api_key == "a"
+
+
+async def test_an_offer_beyond_capacity_gets_503_with_retry_after(tiny_engine):
+    import httpx
+
+    server = WebRTCServer(engine=tiny_engine, language=Language.EN_US, llm=None)
+    async with running_server(server) as url, httpx.AsyncClient(base_url=url) as client:
+        held = [tiny_engine.try_reserve() for _ in range(tiny_engine.max_streams)]
+        busy = await client.post("/api/offer", json={"sdp": "v=0\r\n", "type": "offer"})
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "5" and "busy" in busy.text
+        for reservation in held:
+            reservation.release()
+    assert server.sessions == [] and tiny_engine.free_slots == tiny_engine.max_streams
