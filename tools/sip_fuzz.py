@@ -936,6 +936,8 @@ class TcpConn:
         self.owner, self.reader, self.writer = owner, reader, writer
         self.port = writer.get_extra_info("sockname")[1]
         self.closed = False
+        self.shadow = b""  # what the server has received but not framed yet (as far as our parser can tell)
+        self.broken = False
         self.task = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self):
@@ -964,15 +966,38 @@ class TcpConn:
         finally:
             self.closed = True
             self.writer.close()
+            self.owner.connection_closed(self)
 
-    def write(self, data: bytes):
-        if not self.closed and not self.writer.is_closing():
-            self.writer.write(data)
+    def write(self, data: bytes) -> bool:
+        """Send; True when the server will frame ``data`` as exactly one message of its own (a shadow of its
+        stream parser says nothing was pending before it and nothing broke the framing)."""
+        from pipecat_nemotron.transports.sip.message import parse_stream
+        if self.closed or self.writer.is_closing():
+            return False
+        self.writer.write(data)
+        if self.broken:
+            return False
+        clean = not self.shadow
+        self.shadow += data
+        exact = False
+        while self.shadow:
+            try:
+                message, used = parse_stream(self.shadow)
+            except Exception:  # the server closes the connection here: nothing after it is answered
+                self.broken, self.shadow = True, b""
+                return False
+            if message is None:
+                self.shadow = self.shadow[used:]
+                break
+            exact = exact or (clean and used == len(data) and len(self.shadow) == len(data))
+            self.shadow = self.shadow[used:]
+        return exact
 
     def close(self):
         self.closed = True
         self.writer.close()
         self.task.cancel()
+        self.owner.connection_closed(self)
 
 
 @dataclass
@@ -1215,12 +1240,18 @@ class Fuzzer:
             self.mutator_counts[key] = self.mutator_counts.get(key, 0) + 1
         return data, names, method, call_id
 
-    def _track_due(self, sent: Sent, port: int):
-        """Remember requests that must get a response: readable enough for the server to address a 400."""
+    def _track_due(self, sent: Sent, port: int, conn: "TcpConn | None" = None):
+        """Remember requests that must get a response: readable enough for the server to address a 400. Over TCP
+        only a whole single message on a connection we keep open counts (until the server closes it)."""
         from pipecat_nemotron.transports.sip.message import (SIPRequest, parse_address, parse_cseq, parse_message,
-                                                            parse_via)
+                                                            parse_stream, parse_via)
         try:
-            message = parse_message(sent.data)
+            if conn is None:
+                message = parse_message(sent.data)
+            else:
+                message, used = parse_stream(sent.data)
+                if used != len(sent.data):
+                    return
             if not isinstance(message, SIPRequest) or message.method == "ACK":
                 return
             via = parse_via(message.get_all("Via")[0])
@@ -1229,15 +1260,25 @@ class Fuzzer:
             parse_address(message.get("To"))
         except Exception:
             return
-        if not via.branch or ("rport" not in via.params and via.port != port) or via.host != HOST:
+        if not via.branch or (conn is None and (("rport" not in via.params and via.port != port)
+                                                 or via.host != HOST)):
             return
         key = (via.branch, message.method)
         if key in self.due:
             return
         now = time.monotonic()
-        self.due[key] = (now, sent, message.method)
+        self.due[key] = (now, sent, message.method, conn)
         if message.method == "INVITE" and not parse_address(message.get("To")).tag:
-            self.final_due[via.branch] = [now, sent, False]
+            self.final_due[via.branch] = [now, sent, False, conn]
+
+    def connection_closed(self, conn: "TcpConn"):
+        """Requests still waiting on a connection the server (or we) closed are not owed an answer any more."""
+        for key, entry in list(self.due.items()):
+            if entry[3] is conn:
+                del self.due[key]
+        for key, entry in list(self.final_due.items()):
+            if entry[3] is conn:
+                del self.final_due[key]
 
     async def send_one(self) -> Sent:
         rng = self.rng
@@ -1343,7 +1384,9 @@ class Fuzzer:
             elif style == "half":
                 conn.write(payload[:rng.randrange(len(payload) + 1)])
             else:
-                conn.write(payload)
+                exact = conn.write(payload)
+                if style == "persistent" and exact:
+                    self._track_due(sent, conn.port, conn)
         except Exception:
             pass
         if style in ("fresh", "chunked", "crlf-flood", "pipelined"):
@@ -1376,12 +1419,12 @@ class Fuzzer:
         """Inputs whose response (or INVITE final response) is overdue; removed once reported."""
         now = time.monotonic()
         late = []
-        for key, (at, sent, method) in list(self.due.items()):
+        for key, (at, sent, method, _) in list(self.due.items()):
             if now - at > deadline:
                 del self.due[key]
                 self.final_due.pop(key[0], None)
                 late.append(("no response", sent, method))
-        for branch, (at, sent, provisional) in list(self.final_due.items()):
+        for branch, (at, sent, provisional, _) in list(self.final_due.items()):
             if provisional and now - at > final_deadline:
                 del self.final_due[branch]
                 late.append(("100 Trying but no final response", sent, "INVITE"))
