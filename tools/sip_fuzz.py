@@ -899,7 +899,7 @@ def traceback_signature(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line and not line.startswith(" ")]
     last = lines[-1] if lines else "?"
     exc = re.split(r"[:\s]", last.strip(), maxsplit=1)[0] if last else "?"
-    return f"{exc} at {Path(frame[0]).parent.name}/{Path(frame[0]).name}:{frame[1]} in {frame[2]}"
+    return f"{exc} at {Path(frame[0]).parent.name}/{Path(frame[0]).name} in {frame[2]}"  # no line: code moves
 
 
 # --- the network side of the fuzzer -----------------------------------------------------------------------------
