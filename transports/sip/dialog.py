@@ -67,6 +67,7 @@ class SIPCall:
         self.local_cseq = 0
         self.rtp = rtp
         self.reservation = reservation
+        self.application_running = False
         self.sdp: SDPBuilder | None = None
         self.negotiated: Negotiated | None = None
         self.offer_in_ack = False
@@ -126,16 +127,36 @@ class SIPCall:
             if task is not current:
                 task.cancel()
         self.rtp.close()
-        if self.reservation is not None:
-            try:
-                self.reservation.release()
-            except Exception:
-                logger.exception(f"call {self.call_id}: releasing the admission reservation failed")
+        if not self.application_running:  # else once the application has returned (its STT may still drain)
+            self.release_reservation()
         self.ended.set()
         self.confirmed.set()
         for callback in self._ended_callbacks:
             self.spawn(self._run_callback(callback))
         return True
+
+    def application_started(self) -> None:
+        """The application (``on_call``) runs for this call: the reservation is kept until it has returned."""
+        self.application_running = True
+
+    def application_finished(self) -> None:
+        """The application returned: the reservation goes back (if the call has ended; it has by then)."""
+        self.application_running = False
+        if not self.active:
+            self.release_reservation()
+
+    @property
+    def occupies_slot(self) -> bool:
+        """Counts against ``max_calls``: up, or ended while its application is still finishing."""
+        return self.active or self.application_running
+
+    def release_reservation(self) -> None:
+        """Give the admission reservation back (idempotent: the STT service may release it too)."""
+        if self.reservation is not None:
+            try:
+                self.reservation.release()
+            except Exception:
+                logger.exception(f"call {self.call_id}: releasing the admission reservation failed")
 
     def summary(self) -> str:
         """The call's one log line: who, how it ended, how long, codec and RTP counts."""
@@ -173,6 +194,11 @@ class Dialogs:
     def active(self) -> list[SIPCall]:
         return [call for call in self.by_call_id.values() if call.active]
 
+    @property
+    def occupied(self) -> int:
+        """Calls holding a slot: up, or ended with their application still finishing."""
+        return sum(1 for call in self.by_call_id.values() if call.occupies_slot)
+
     def find(self, request: SIPRequest) -> SIPCall | None:
         """The active dialog of an in-dialog request, or None (unknown, ended, or tags that do not match)."""
         call = self.by_call_id.get(request.call_id)
@@ -195,6 +221,9 @@ class Dialogs:
         asyncio.get_running_loop().call_later(self.linger, self._forget, call)
 
     def _forget(self, call: SIPCall) -> None:
+        if call.application_running:  # still counted as a call: look again later
+            self.forget_later(call)
+            return
         if self.by_call_id.get(call.call_id) is call:
             del self.by_call_id[call.call_id]
 

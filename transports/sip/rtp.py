@@ -357,27 +357,31 @@ class RtpSession(asyncio.DatagramProtocol):
             logger.exception(f"RTP packet from {addr} dropped")
             self.stats.ignored += 1
 
-    def _accept(self, packet: RtpPacket, addr: tuple[str, int]) -> bool:
+    def _acceptable(self, payload_type: int, addr: tuple[str, int]) -> bool:
+        """A negotiated payload type from the latched source, or (before the latch) from an allowed one."""
         n = self.negotiated
-        wanted = n is not None and packet.payload_type in (n.payload_type, n.dtmf_payload_type, CN_PAYLOAD_TYPE)
-        if not wanted or addr[1] == 0:
+        if n is None or payload_type not in (n.payload_type, n.dtmf_payload_type, CN_PAYLOAD_TYPE) or addr[1] == 0:
             return False
-        if self.latched is None:
-            source = _ip(addr[0])
-            if source not in self._expected or not self._source_allowed(addr[0]):
-                return False  # neither the SDP c= nor the SIP source, or outside allowed_peers: not latched
-            self.latched = addr
-            logger.debug(f"RTP latched to {addr[0]}:{addr[1]}")
-        return addr == self.latched
+        if self.latched is not None:
+            return addr == self.latched
+        # neither the SDP c= nor the SIP source, or outside allowed_peers: never latched
+        return _ip(addr[0]) in self._expected and self._source_allowed(addr[0])
 
     def _receive(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) < 12 or data[0] >> 6 != 2 or (data[1] & 0x7F) in RTCP_PAYLOAD_TYPES:
             self.stats.ignored += 1
             return
-        packet = RtpPacket.parse(data)
-        if not self._accept(packet, addr):
+        if not self._acceptable(data[1] & 0x7F, addr):  # the source is checked before any parsing
             self.stats.ignored += 1
             return
+        try:
+            packet = RtpPacket.parse(data)
+        except ValueError:  # padding, CSRC count or extension past the end: junk, counted, not logged
+            self.stats.ignored += 1
+            return
+        if self.latched is None:
+            self.latched = addr
+            logger.debug(f"RTP latched to {addr[0]}:{addr[1]}")
         self.stats.packets_in += 1
         self.last_received = asyncio.get_running_loop().time()
         if packet.ssrc != self._remote_ssrc:

@@ -39,6 +39,7 @@ Address = tuple[str, int]
 ALLOWED_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "INFO", "UPDATE")
 KNOWN_NOT_ALLOWED = ("REGISTER", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER", "PRACK")
 RESPONSE_CACHE_SECS = 32.0
+MAX_UDP_REQUEST = 32 * 1024  # a larger request over UDP gets 513: a 200 echoing it + SDP would not fit a datagram
 SUPPORTED_EXTENSIONS = ("timer",)  # session-timer refreshes are answered (re-INVITE/UPDATE → 200)
 
 
@@ -51,6 +52,10 @@ def _local_ip_for(peer_ip: str) -> str:
             return probe.getsockname()[0]
         except OSError:
             return "127.0.0.1"
+
+
+def _size(message: SIPMessage) -> int:
+    return sum(len(name) + len(value) + 4 for name, value in message.headers) + len(message.body)
 
 
 OnCall = Callable[[SIPCall], Awaitable[None]]
@@ -93,7 +98,8 @@ class SIPUserAgentServer:
 
     @property
     def active_calls(self) -> int:
-        return len(self.dialogs.active)
+        """Calls counted against ``max_calls``: up, or ended while their application is still finishing."""
+        return self.dialogs.occupied
 
     @property
     def full(self) -> bool:
@@ -149,6 +155,9 @@ class SIPUserAgentServer:
     def _on_request(self, request: SIPRequest, source: Address) -> None:
         if self.transactions.absorb(request):
             return  # a retransmission: its last response was re-sent
+        if not self.wire.is_stream(source) and request.method != "ACK" and _size(request) > MAX_UDP_REQUEST:
+            self._respond(request, source, 513)  # our responses echo it and would not fit a datagram
+            return
         if not self.config.allows(source[0]):
             if request.method != "ACK":
                 self._respond(request, source, 403)
@@ -327,6 +336,7 @@ class SIPUserAgentServer:
         if self.config.rtp_timeout_secs:
             call.spawn(self._watch_rtp(call, self.config.rtp_timeout_secs))
         if self.on_call is not None:
+            call.application_started()
             self._spawn(self._run_application(call))
 
     async def _confirm(self, call: SIPCall, data: bytes, destination: Address) -> None:
@@ -358,8 +368,11 @@ class SIPUserAgentServer:
         except Exception:
             logger.exception(f"call {call.call_id}: application failed")
         finally:
-            if call.active:
-                await self.hangup(call, "application finished")
+            try:
+                if call.active:
+                    await self.hangup(call, "application finished")
+            finally:
+                call.application_finished()  # only now the reservation goes back
 
     # --- in-dialog and other methods -------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from .config import SIPConfig
 from .message import MAX_MESSAGE_SIZE, SIPMessage, SIPParseError, canonical_name, parse_message, parse_stream
 
 Address = tuple[str, int]
+MAX_DATAGRAM = 65_507  # IPv4 UDP payload limit
 MAX_SEND_BUFFER = 256 * 1024  # bytes a TCP peer may leave unread before its connection is closed
 MAX_RATE_SOURCES = 10_000  # source IPs tracked by the rate limiter
 _TOKEN = re.compile(r"^[A-Za-z0-9.!%*_+`'~-]+$")
@@ -188,6 +189,9 @@ class SIPWire:
         if self._udp is None or not is_ip_literal(host) or not 0 < port < 65536:
             logger.debug(f"SIP to {host!r}:{port} not sent (not an IP literal and port)")
             return
+        if len(data) > MAX_DATAGRAM:
+            logger.warning(f"SIP to {host}:{port} not sent: {len(data)} bytes do not fit a datagram")
+            return
         self._udp.sendto(data, (host, port))
 
     # --- receiving ----------------------------------------------------------------------------
@@ -309,7 +313,7 @@ class SIPWire:
         fields: dict[str, list[str]] = {}
         for line in lines[1:]:
             name, sep, value = line.partition(":")
-            if sep and _TOKEN.match(name.strip()) and len(value) < 2048:
+            if sep and _TOKEN.match(name.strip()):
                 fields.setdefault(canonical_name(name), []).append(value.strip())
         if not all(fields.get(name) for name in ("Via", "From", "To", "Call-ID", "CSeq")):
             return
