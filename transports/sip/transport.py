@@ -29,8 +29,11 @@ from pipecat.transports.base_input import BaseInputTransport
 from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
+from .admission import CallAdmission
+from .config import SIPConfig
+from .dialog import SIPCall
 from .rtp import SAMPLE_RATE
-from .uas import OnCall, SIPCall, SIPConfig, SIPUserAgentServer
+from .uas import OnCall, SIPUserAgentServer
 
 OUTPUT_AHEAD_SECS = 0.1  # how much bot audio may wait in the RTP queue (keeps interruptions quick)
 HANGUP_TAIL_SECS = 0.3  # after the bot's last packet, time for the far end's jitter buffer to play it out
@@ -233,14 +236,16 @@ class SIPServer:
         max_calls: Concurrent calls; beyond it INVITEs get 503 before ``on_call`` runs.
         allowed_peers: Addresses or networks allowed to call (403 otherwise); empty allows all.
         max_call_secs: Hang up calls after this long (None: no limit).
+        admission: Asked for a reservation before each call is answered (e.g. the STT ``Engine``); full → 503.
         config: A full :class:`SIPConfig` instead of the keyword arguments above.
     """
 
     def __init__(self, *, on_call: OnCall, host: str = "0.0.0.0", port: int = 5060, max_calls: int = 16,
                  allowed_peers: tuple[str, ...] | list[str] = (), max_call_secs: float | None = 4 * 3600,
-                 config: SIPConfig | None = None):
+                 admission: CallAdmission | None = None, config: SIPConfig | None = None):
         self.config = config or SIPConfig(host=host, port=port, max_calls=max_calls,
-                                          allowed_peers=tuple(allowed_peers), max_call_secs=max_call_secs)
+                                          allowed_peers=tuple(allowed_peers), max_call_secs=max_call_secs,
+                                          admission=admission)
         self.uas = SIPUserAgentServer(config=self.config, on_call=on_call)
 
     async def start(self) -> tuple[str, int]:

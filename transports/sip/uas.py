@@ -39,6 +39,7 @@ Address = tuple[str, int]
 ALLOWED_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "INFO", "UPDATE")
 KNOWN_NOT_ALLOWED = ("REGISTER", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER", "PRACK")
 RESPONSE_CACHE_SECS = 32.0
+STOP_GRACE_SECS = 2.0  # how long stop() waits for cancelled applications to return
 MAX_UDP_REQUEST = 32 * 1024  # a larger request over UDP gets 513: a 200 echoing it + SDP would not fit a datagram
 SUPPORTED_EXTENSIONS = ("timer",)  # session-timer refreshes are answered (re-INVITE/UPDATE → 200)
 
@@ -115,8 +116,14 @@ class SIPUserAgentServer:
             call.confirmed.set()  # no waiting for outstanding ACKs on the way out
             await self.hangup(call, "server stopped")
         await asyncio.sleep(0)
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:  # applications end (and give their reservations back) in their finally blocks
+            await asyncio.wait(tasks, timeout=STOP_GRACE_SECS)
+        for call in self.dialogs.by_call_id.values():
+            if call.application_running:  # an application that ignored the cancellation
+                call.application_finished()
         self.transactions.close()
         await self.wire.close()
 
