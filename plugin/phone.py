@@ -151,7 +151,10 @@ async def serve(args: argparse.Namespace, *, stt_factory=None, out: IO[str] | No
 
     config = SIPConfig(host=args.host, port=args.port, advertised_host=args.advertise, max_calls=args.max_calls,
                        allowed_peers=tuple(args.allow), max_call_secs=args.max_call_secs or None,
-                       admission=admission)
+                       admission=admission, retry_after_secs=args.retry_after,
+                       udp_rate_per_source=args.sip_rate, udp_burst_per_source=max(1, int(2 * args.sip_rate)),
+                       tcp_max_connections=args.tcp_max_connections, tcp_max_per_source=args.tcp_max_per_source,
+                       tcp_idle_secs=args.tcp_idle_secs)
     server = SIPServer(on_call=on_call, config=config)
     host, port = await server.start()
     logger.info(f"phone transcriber on sip:transcriber@{host}:{port} (max {args.max_calls} calls)")
@@ -174,6 +177,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allow", action="append", default=[], help="peer address or network (repeat); "
                         "default: everyone")
     parser.add_argument("--max-call-secs", type=float, default=3600, help="hang up after this long (0: never)")
+    parser.add_argument("--retry-after", type=int, default=5, help="Retry-After seconds of every 503")
+    parser.add_argument("--sip-rate", type=float, default=200.0,
+                        help="SIP messages per second per source IP (burst: twice that); beyond: dropped")
+    parser.add_argument("--tcp-max-connections", type=int, default=256, help="open SIP TCP connections in all")
+    parser.add_argument("--tcp-max-per-source", type=int, default=16, help="open SIP TCP connections per IP")
+    parser.add_argument("--tcp-idle-secs", type=float, default=120.0, help="close an idle SIP TCP connection")
     parser.add_argument("--greeting", default=None, help="a short WAV played when a call starts")
     parser.add_argument("--output", default="-", help="JSON-lines file to append to ('-': stdout)")
     return parser.parse_args(argv)
