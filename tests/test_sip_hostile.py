@@ -346,3 +346,27 @@ async def test_tcp_keepalive_answered_within_the_rate(no_errors):
             writer.write(b"\r\n\r\n")  # RFC 5626 ping → pong
             assert await asyncio.wait_for(reader.readexactly(2), 1) == b"\r\n"
             assert server.wire.connections == 1
+
+
+async def test_tcp_idle_timeout_spares_a_connection_carrying_a_call(rtp_peer, no_errors):
+    calls, on_call = calls_recorder()
+    async with serving(on_call, tcp_idle_secs=0.2) as server:
+        reader, writer = await asyncio.open_connection(HOST, server.port)
+        with closing(writer):
+            local_port = writer.get_extra_info("sockname")[1]
+
+            class Local:
+                port = local_port
+
+            dialog = Dialog(Local(), server.port, rtp_port=rtp_peer.port)
+            invite = dialog.request("INVITE", body=offer(rtp_peer.port)).replace("SIP/2.0/UDP", "SIP/2.0/TCP")
+            writer.write(invite.encode())
+            head = b""
+            while b" 200 OK" not in head:
+                head += await asyncio.wait_for(reader.read(4096), 2)
+            await until(lambda: calls and calls[0].active)
+            assert not await closed_within(reader, 0.6)  # three idle periods: still open for the call
+            calls[0].confirmed.set()
+            await calls[0].hangup("bot done")
+            data = await asyncio.wait_for(reader.read(4096), 2)
+            assert b"BYE sip:" in data  # our BYE went back on the same connection

@@ -66,13 +66,16 @@ class SIPUserAgentServer:
     """The SIP server: accepts calls under the policy in :class:`SIPConfig` and runs ``on_call``.
 
     ``on_call(call)`` runs as its own task once the 200 OK is sent; when it returns and the call is still
-    up, the call is hung up.
+    up, the call is hung up. ``wire`` is injectable (tests pass a fake with ``send``, ``is_stream``,
+    ``address``, ``start``, ``close``); the server sets its ``on_message`` and ``in_use`` hooks.
     """
 
     def __init__(self, *, config: SIPConfig, on_call: OnCall | None = None, wire: SIPWire | None = None):
         self.config = config
         self.on_call = on_call
-        self.wire = wire or SIPWire(config=config, on_message=self._on_message)
+        self.wire = wire or SIPWire(config=config)
+        self.wire.on_message = self.handle_message
+        self.wire.in_use = self._carries_call
         self.dialogs = Dialogs(linger=RESPONSE_CACHE_SECS)
         self.transactions = ServerTransactions(send=self.wire.send, lifetime=RESPONSE_CACHE_SECS)
         self.client = ClientTransactions(send=self.wire.send, t1=config.t1, t2=config.t2)
@@ -135,7 +138,10 @@ class SIPUserAgentServer:
 
     # --- messages -----------------------------------------------------------------------------
 
-    def _on_message(self, message: SIPMessage, source: Address) -> None:
+    def _carries_call(self, peer: Address) -> bool:
+        return any(call.remote_address == peer for call in self.dialogs.active)
+
+    def handle_message(self, message: SIPMessage, source: Address) -> None:
         """Every well-formed message: answered (400 for bad values, 500 for our own bugs) or dropped."""
         try:
             if isinstance(message, SIPRequest):

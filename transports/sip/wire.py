@@ -108,11 +108,16 @@ class SIPWire:
         config: Address, port and the transport limits.
         on_message: Called with every well-formed message and its source (ip, port); for TCP the source is the
             connection's peer address, and ``send`` to it writes on that connection.
+        in_use: ``in_use(peer)``: whether a TCP connection carries a live call (then it is not closed for idling:
+            our BYE must be able to go back on it).
     """
 
-    def __init__(self, *, config: SIPConfig, on_message: Callable[[SIPMessage, Address], None]):
+    def __init__(self, *, config: SIPConfig, on_message: Callable[[SIPMessage, Address], None] | None = None,
+                 in_use: Callable[[Address], bool] | None = None):
         self.config = config
-        self.on_message = on_message
+        self.on_message = on_message or (lambda message, source: None)
+        self.in_use = in_use or (lambda peer: False)
+        self._refusing = False
         self.address: Address | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp_server: asyncio.Server | None = None
@@ -222,10 +227,14 @@ class SIPWire:
         peer = writer.get_extra_info("peername")[:2]
         if len(self._streams) >= self.config.tcp_max_connections or \
                 self._per_source.get(peer[0], 0) >= self.config.tcp_max_per_source:
-            logger.warning(f"SIP over TCP from {peer[0]}:{peer[1]} refused: connection limit "
-                           f"({len(self._streams)} open, {self._per_source.get(peer[0], 0)} from this address)")
+            if not self._refusing:  # one line per episode, not per connection
+                logger.warning(f"SIP over TCP from {peer[0]}:{peer[1]} refused: connection limit "
+                               f"({len(self._streams)} open, {self._per_source.get(peer[0], 0)} from this address)"
+                               "; refusing further connections over the limit silently")
+            self._refusing = True
             writer.close()
             return
+        self._refusing = False
         self._streams[peer] = writer
         self._per_source[peer[0]] = self._per_source.get(peer[0], 0) + 1
         why = "closed by peer"
@@ -259,6 +268,8 @@ class SIPWire:
             try:
                 data = await asyncio.wait_for(reader.read(65536), max(timeout, 0.0))
             except asyncio.TimeoutError:
+                if message_deadline is None and self.in_use(peer):
+                    continue  # idle, but a call lives on this connection
                 logger.info(f"SIP over TCP from {peer[0]}:{peer[1]}: {limit}; closing")
                 return limit
             if not data:
