@@ -1030,6 +1030,7 @@ class Fuzzer:
         self.dialogs: dict[str, Dialog] = {}
         self.pending_invites: dict[str, Dialog] = {}
         self.window: deque[Sent] = deque(maxlen=window)
+        self.generated: deque[bytes] = deque(maxlen=64)  # for retransmissions (generated inputs only: seed-stable)
         self.due: dict[str, tuple[float, Sent, str]] = {}  # branch → (sent at, input, method)
         self.final_due: dict[str, list] = {}  # INVITE branch → [sent at, input, provisional seen]
         self.invites: dict[str, Sent] = {}  # Call-ID → the last few thousand INVITEs (to name a stuck call's input)
@@ -1051,6 +1052,8 @@ class Fuzzer:
         sink_port = sink_transport.get_extra_info("sockname")[1]
         self.grammar = Grammar(self.rng, self.server, sink_port)
         self.ack_grammar = Grammar(self.ack_rng, self.server, sink_port)  # answers to the server: own stream
+        self.ack_mutator = Mutator(self.ack_rng, self.namespace)
+        self.ack_mutator.sink_port = sink_port
         self.mutator.sink_port = sink_port
 
     async def close(self):
@@ -1177,8 +1180,14 @@ class Fuzzer:
         g = self.ack_grammar
         if method == "BYE":
             dialog.cseq += 1
+        body = None
+        invite = self.invites.get(dialog.call_id)
+        if method == "ACK" and invite is not None and b"\nv=0" not in invite.data:
+            body = g.sdp()  # the INVITE had no offer: the server offered in its 200 and the answer goes here
         t = g.request(method, local_port=endpoint.port, transport=transport, dialog=dialog, cseq=dialog.cseq,
-                      body=None)
+                      body=body)
+        if body is not None and self.ack_rng.random() < 0.5:
+            self.ack_mutator.sdp(t)  # and sometimes a broken one
         data, _ = t.serialize()
         try:
             if transport == "UDP":
@@ -1210,6 +1219,25 @@ class Fuzzer:
                              weights=[40, 15, 10, 8, 8, 10, 4, 5])[0]
         return method, None
 
+    def _again(self, data: bytes) -> tuple[bytes, list[str], str, str]:
+        """An earlier input once more: a retransmission, or its branch reused with another Call-ID, method or
+        CSeq (transaction matching, RFC 3261 §17.2.3)."""
+        rng = self.rng
+        kind = rng.choice(["retransmission", "retransmission", "other-call-id", "other-method", "other-cseq"])
+        if kind == "other-call-id":
+            data = re.sub(rb"(?im)^(call-id|i)[ \t]*:[^\r\n]*", lambda m: m.group(1) + b": again" +
+                          str(rng.getrandbits(32)).encode(), data, count=1)
+        elif kind == "other-method":
+            new = rng.choice([b"OPTIONS", b"INVITE", b"BYE", b"CANCEL", b"ACK", b"INFO"])
+            old = data.split(b" ", 1)[0]
+            data = new + data[len(old):]
+            data = re.sub(rb"(?im)^(cseq[ \t]*:[ \t]*\d+[ \t]+)[A-Za-z]+", lambda m: m.group(1) + new, data, count=1)
+        elif kind == "other-cseq":
+            data = re.sub(rb"(?im)^(cseq[ \t]*:[ \t]*)\d+", lambda m: m.group(1) + str(rng.randrange(1, 2**31)).encode(),
+                          data, count=1)
+        method = data.split(b" ", 1)[0].decode("utf-8", errors="replace")[:20]
+        return data, [f"again:{kind}"], method, ""
+
     def build(self, local_port: int, transport: str) -> tuple[bytes, list[str], str, str]:
         """(wire bytes, mutator names, method, Call-ID) of the next input."""
         rng = self.rng
@@ -1217,6 +1245,8 @@ class Fuzzer:
         if rng.random() < 0.05:
             data, kind = garbage_input(rng)
             return data, [f"garbage-input:{kind}"], "-", ""
+        if rng.random() < 0.03 and self.generated:
+            return self._again(self.generated[int(rng.random() * len(self.generated))])
         method, dialog = self._pick_method()
         cseq = branch = None
         if dialog is not None:
@@ -1235,6 +1265,7 @@ class Fuzzer:
                                  transport=transport).serialize()
         call_id = next((v for n, v in t.headers if n == "Call-ID"), "")
         data, names = self.mutator.mutate(t, extra)
+        self.generated.append(data)
         for name in names:
             key = name.split(":", 1)[0]
             self.mutator_counts[key] = self.mutator_counts.get(key, 0) + 1
@@ -1303,7 +1334,8 @@ class Fuzzer:
             pass
         self.stats["udp"] += 1
         self.stats["inputs"] += 1
-        self._track_due(sent, ep.port)
+        if not names or not names[0].startswith("again:"):  # a reused branch may be answered where it first went
+            self._track_due(sent, ep.port)
         return sent
 
     def _send_rtp(self, dialog: Dialog) -> Sent:
@@ -1385,7 +1417,7 @@ class Fuzzer:
                 conn.write(payload[:rng.randrange(len(payload) + 1)])
             else:
                 exact = conn.write(payload)
-                if style == "persistent" and exact:
+                if style == "persistent" and exact and not names[0].startswith("again:"):
                     self._track_due(sent, conn.port, conn)
         except Exception:
             pass
