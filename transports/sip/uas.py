@@ -15,44 +15,31 @@ is answered or dropped, every failed set-up releases what it took, and every cal
 saying how it ended.
 
 The layers below: ``wire`` (bytes ↔ messages, transport limits), ``transaction`` (retransmissions),
-``dialog`` (calls, 2xx retransmission, BYE).
+``responder`` (building and sending responses), ``dialog`` (calls, 2xx retransmission, BYE).
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Awaitable, Callable
 
 from loguru import logger
 
 from .config import SIPConfig
-from .dialog import Dialogs, SIPCall, build_bye, new_tag, retransmit_until_ack
-from .message import REASONS, SIPMessage, SIPParseError, SIPRequest, SIPResponse, parse_address, parse_via
+from .dialog import Dialogs, SIPCall, build_bye, retransmit_until_ack
+from .message import SIPMessage, SIPParseError, SIPRequest, parse_address
+from .responder import ALLOWED_METHODS, SUPPORTED_EXTENSIONS, Responder
 from .rtp import RtpSession
 from .sdp import SDPBuilder, SDPError, parse_sdp, read_answer
 from .transaction import ClientTransactions, ServerTransactions, server_key
 from .wire import SIPWire
 
 Address = tuple[str, int]
-ALLOWED_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "INFO", "UPDATE")
 KNOWN_NOT_ALLOWED = ("REGISTER", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE", "REFER", "PRACK")
 RESPONSE_CACHE_SECS = 32.0
 STOP_GRACE_SECS = 2.0  # how long stop() waits for cancelled applications to return
 MAX_UDP_REQUEST = 32 * 1024  # a larger request over UDP gets 513: a 200 echoing it + SDP would not fit a datagram
-SUPPORTED_EXTENSIONS = ("timer",)  # session-timer refreshes are answered (re-INVITE/UPDATE → 200)
-
-
-def _local_ip_for(peer_ip: str) -> str:
-    """The local address the kernel would use to reach ``peer_ip`` (an IP literal: no DNS)."""
-    family = socket.AF_INET6 if ":" in peer_ip else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect((peer_ip, 9))
-            return probe.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"
 
 
 def _size(message: SIPMessage) -> int:
@@ -79,6 +66,7 @@ class SIPUserAgentServer:
         self.dialogs = Dialogs(linger=RESPONSE_CACHE_SECS)
         self.transactions = ServerTransactions(send=self.wire.send, lifetime=RESPONSE_CACHE_SECS)
         self.client = ClientTransactions(send=self.wire.send, t1=config.t1, t2=config.t2)
+        self.responses = Responder(config=config, wire=self.wire, transactions=self.transactions)
         self._tasks: set[asyncio.Task] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -161,7 +149,7 @@ class SIPUserAgentServer:
         if reason is not None:
             reason = "".join(c for c in reason if 32 <= ord(c) < 127)[:120]
         try:
-            self._respond(message, source, status, reason=reason)
+            self.responses.respond(message, source, status, reason=reason)
         except Exception:
             logger.debug(f"SIP {message.method} from {source[0]}:{source[1]}: no {status} could be addressed")
 
@@ -169,91 +157,25 @@ class SIPUserAgentServer:
         if self.transactions.absorb(request):
             return  # a retransmission: its last response was re-sent
         if not self.wire.is_stream(source) and request.method != "ACK" and _size(request) > MAX_UDP_REQUEST:
-            self._respond(request, source, 513)  # our responses echo it and would not fit a datagram
+            self.responses.respond(request, source, 513)  # our responses echo it and would not fit a datagram
             return
         if not self.config.allows(source[0]):
             if request.method != "ACK":
-                self._respond(request, source, 403)
+                self.responses.respond(request, source, 403)
                 if request.method == "INVITE":
                     self._log_rejected(request, source, "rejected 403 (peer not allowed)")
             return
         required = [o for o in request.get_all("Require") if o.lower() not in SUPPORTED_EXTENSIONS]
         if required and request.method not in ("ACK", "CANCEL"):
-            self._respond(request, source, 420, unsupported=", ".join(required)[:200])
+            self.responses.respond(request, source, 420, unsupported=", ".join(required)[:200])
             return
         handler = getattr(self, f"_on_{request.method.lower()}", None)
         if request.method in ALLOWED_METHODS and handler is not None:
             handler(request, source)
         elif request.method in KNOWN_NOT_ALLOWED:
-            self._respond(request, source, 405)
+            self.responses.respond(request, source, 405)
         else:
-            self._respond(request, source, 501)
-
-    # --- responses ------------------------------------------------------------------------------
-
-    def _response_destination(self, request: SIPRequest, source: Address) -> Address:
-        if self.wire.is_stream(source):
-            return source  # back on the connection the request came in on
-        via = parse_via(request.get_all("Via")[0])
-        if "rport" in via.params:
-            return source
-        return source[0], via.port or 5060
-
-    def _response(self, request: SIPRequest, source: Address, status: int, *, reason: str | None = None,
-                  to_tag: str | None = None, body: str | None = None, contact: bool = False,
-                  unsupported: str | None = None) -> SIPResponse:
-        response = SIPResponse(status=status, reason=reason or REASONS.get(status, ""))
-        vias = request.get_all("Via")
-        top = parse_via(vias[0])
-        top.params["received"] = source[0]
-        if "rport" in top.params:
-            top.params["rport"] = str(source[1])
-        for via in [str(top), *vias[1:]]:
-            response.add("Via", via)
-        response.add("From", request.get("From"))
-        to_header = request.get("To")
-        to = parse_address(to_header)
-        if status != 100 and not to.tag:
-            to.params["tag"] = to_tag or new_tag()
-            to_header = str(to)
-        response.add("To", to_header)
-        response.add("Call-ID", request.call_id)
-        response.add("CSeq", request.get("CSeq"))
-        if 100 < status < 300:
-            for route in request.get_all("Record-Route"):
-                response.add("Record-Route", route)
-        if contact:
-            tcp = ";transport=tcp" if self.wire.is_stream(source) else ""
-            response.add("Contact", f"<sip:pipecat@{self._contact_host(source)}:{self.port}{tcp}>")
-        if status in (200, 405):
-            response.add("Allow", ", ".join(ALLOWED_METHODS))
-        if status == 503:  # every 503 says when to come back (RFC 3261 §21.5.4)
-            response.add("Retry-After", str(self.config.retry_after_secs))
-        if unsupported:
-            response.add("Unsupported", unsupported)
-        if status == 200 and request.method in ("INVITE", "OPTIONS"):
-            response.add("Supported", ", ".join(SUPPORTED_EXTENSIONS))
-            response.add("Accept", "application/sdp")
-        response.add("Server", self.config.user_agent)
-        if body is not None:
-            response.add("Content-Type", "application/sdp")
-            response.body = body.encode()
-        return response
-
-    def _respond(self, request: SIPRequest, source: Address, status: int, **kwargs) -> SIPResponse:
-        response = self._response(request, source, status, **kwargs)
-        destination = self._response_destination(request, source)
-        data = response.to_bytes()
-        self.wire.send(data, destination)
-        self.transactions.record(request, data, destination, status)
-        return response
-
-    def _contact_host(self, source: Address) -> str:
-        if self.config.advertised_host:
-            return self.config.advertised_host
-        if self.address and self.address[0] not in ("0.0.0.0", "::"):
-            return self.address[0]
-        return _local_ip_for(source[0])
+            self.responses.respond(request, source, 501)
 
     def _log_rejected(self, request: SIPRequest, source: Address, outcome: str) -> None:
         caller = parse_address(request.get("From")).uri
@@ -266,19 +188,19 @@ class SIPUserAgentServer:
             self._on_reinvite(request, source)
             return
         if request.call_id in self.dialogs:  # same Call-ID, new branch: a forked/looped copy
-            self._respond(request, source, 482)
+            self.responses.respond(request, source, 482)
             return
         if self.active_calls >= self.config.max_calls:
-            self._respond(request, source, 503, reason="Service Unavailable (call limit reached)")
+            self.responses.respond(request, source, 503, reason="Service Unavailable (call limit reached)")
             self._log_rejected(request, source, f"rejected 503 (call limit {self.config.max_calls})")
             return
         reservation = self._reserve()
         if self.config.admission is not None and reservation is None:
-            self._respond(request, source, 503, reason="Service Unavailable (no capacity)")
+            self.responses.respond(request, source, 503, reason="Service Unavailable (no capacity)")
             self._log_rejected(request, source, "rejected 503 (admission: no capacity)")
             return
         try:
-            self._respond(request, source, 100)
+            self.responses.respond(request, source, 100)
             rtp = RtpSession(signalling_host=source[0], source_allowed=self.config.allows)
             call = SIPCall(server=self, invite=request, source=source, rtp=rtp, reservation=reservation,
                            invite_key=server_key(request))
@@ -302,7 +224,7 @@ class SIPUserAgentServer:
     async def _setup_call(self, call: SIPCall, request: SIPRequest, source: Address) -> None:
         """RTP socket, SDP answer, 180, 200; any failure answers the INVITE and releases what was taken."""
         try:
-            host = self._contact_host(source)
+            host = self.responses.contact_host(source)
             bind = self.address[0] if self.address else host
             _, rtp_port = await call.rtp.open(host=bind, ports=self.config.rtp_ports)
             if call.state != "ringing":  # cancelled meanwhile
@@ -313,7 +235,7 @@ class SIPUserAgentServer:
             else:
                 answer, call.offer_in_ack = call.sdp.offer(port=rtp_port), True
             if self.config.send_ringing:
-                self._respond(request, source, 180, to_tag=call.local_tag, contact=True)
+                self.responses.respond(request, source, 180, to_tag=call.local_tag, contact=True)
             if self.config.ring_secs > 0:
                 await asyncio.sleep(self.config.ring_secs)
             if call.state != "ringing":
@@ -332,18 +254,18 @@ class SIPUserAgentServer:
                 reason: str | None = None) -> None:
         if call.state == "ringing":
             try:
-                self._respond(request, source, status, to_tag=call.local_tag, reason=reason)
+                self.responses.respond(request, source, status, to_tag=call.local_tag, reason=reason)
             except Exception:
                 logger.exception(f"call {call.call_id}: the {status} could not be sent")
         self._end(call, outcome)
 
     def _answer(self, call: SIPCall, request: SIPRequest, source: Address, answer: str) -> None:
-        response = self._respond(request, source, 200, to_tag=call.local_tag, body=answer, contact=True)
+        response = self.responses.respond(request, source, 200, to_tag=call.local_tag, body=answer, contact=True)
         call.state, call.answered_at = "answered", time.time()
         if call.negotiated is not None:
             call.rtp.configure(call.negotiated)
             call.rtp.start()
-        call.spawn(self._confirm(call, response.to_bytes(), self._response_destination(request, source)))
+        call.spawn(self._confirm(call, response.to_bytes(), self.responses.destination(request, source)))
         if self.config.max_call_secs:
             call.call_later(self.config.max_call_secs, lambda: call.spawn(self.hangup(call, "max call length")))
         if self.config.rtp_timeout_secs:
@@ -411,19 +333,19 @@ class SIPUserAgentServer:
     def _on_cancel(self, request: SIPRequest, source: Address) -> None:
         call = self.dialogs.for_invite(server_key(request, method="INVITE"))
         if call is None or not call.active:
-            self._respond(request, source, 481)
+            self.responses.respond(request, source, 481)
             return
-        self._respond(request, source, 200, to_tag=call.local_tag)
+        self.responses.respond(request, source, 200, to_tag=call.local_tag)
         if call.state == "ringing":
-            self._respond(call.invite, call.remote_address, 487, to_tag=call.local_tag)
+            self.responses.respond(call.invite, call.remote_address, 487, to_tag=call.local_tag)
             self._end(call, "cancelled by caller")
 
     def _on_bye(self, request: SIPRequest, source: Address) -> None:
         call = self.dialogs.find(request)
         if call is None:
-            self._respond(request, source, 481)
+            self.responses.respond(request, source, 481)
             return
-        self._respond(request, source, 200)
+        self.responses.respond(request, source, 200)
         call.confirmed.set()
         self._end(call, "caller hung up")
 
@@ -431,21 +353,21 @@ class SIPUserAgentServer:
         if parse_address(request.get("To")).tag:
             call = self.dialogs.find(request)
             if call is None:
-                self._respond(request, source, 481)
+                self.responses.respond(request, source, 481)
             else:
-                self._respond(request, source, 200)
+                self.responses.respond(request, source, 200)
             return
         if self.full:  # so a proxy's health check (Kamailio dispatcher) stops routing calls here
-            self._respond(request, source, 503, reason="Service Unavailable (full)")
+            self.responses.respond(request, source, 503, reason="Service Unavailable (full)")
             return
-        self._respond(request, source, 200)
+        self.responses.respond(request, source, 200)
 
     def _on_info(self, request: SIPRequest, source: Address) -> None:
         call = self.dialogs.find(request)
         if call is None:
-            self._respond(request, source, 481)
+            self.responses.respond(request, source, 481)
             return
-        self._respond(request, source, 200)
+        self.responses.respond(request, source, 200)
         if "dtmf-relay" in (request.get("Content-Type") or "").lower():
             for line in request.body.decode("utf-8", errors="replace").splitlines():
                 key, _, value = line.partition("=")
@@ -468,17 +390,17 @@ class SIPUserAgentServer:
     def _on_reinvite(self, request: SIPRequest, source: Address) -> None:
         call = self.dialogs.find(request)
         if call is None:
-            self._respond(request, source, 481)
+            self.responses.respond(request, source, 481)
             return
         try:
             body = self._session_update(call, request)
         except SDPError as exc:
             logger.info(f"call {call.call_id}: re-INVITE refused 488 ({exc}); the call goes on")
-            self._respond(request, source, 488)
+            self.responses.respond(request, source, 488)
             return
         call.confirmed.clear()
-        response = self._respond(request, source, 200, body=body, contact=True)
-        call.spawn(self._confirm_reinvite(call, response.to_bytes(), self._response_destination(request, source)))
+        response = self.responses.respond(request, source, 200, body=body, contact=True)
+        call.spawn(self._confirm_reinvite(call, response.to_bytes(), self.responses.destination(request, source)))
 
     async def _confirm_reinvite(self, call: SIPCall, data: bytes, destination: Address) -> None:
         await retransmit_until_ack(call, data, destination, self.wire.send, t1=self.config.t1, t2=self.config.t2)
@@ -487,15 +409,15 @@ class SIPUserAgentServer:
     def _on_update(self, request: SIPRequest, source: Address) -> None:
         call = self.dialogs.find(request)
         if call is None:
-            self._respond(request, source, 481)
+            self.responses.respond(request, source, 481)
             return
         try:
             body = self._session_update(call, request) if request.body else None
         except SDPError as exc:
             logger.info(f"call {call.call_id}: UPDATE refused 488 ({exc}); the call goes on")
-            self._respond(request, source, 488)
+            self.responses.respond(request, source, 488)
             return
-        self._respond(request, source, 200, body=body, contact=True)
+        self.responses.respond(request, source, 200, body=body, contact=True)
 
     # --- our requests -----------------------------------------------------------------------------
 
@@ -511,7 +433,7 @@ class SIPUserAgentServer:
             if not call.active:
                 return
         protocol = "TCP" if self.wire.is_stream(call.remote_address) and not call.route_set else "UDP"
-        bye, destination = build_bye(call, via_host=self._contact_host(call.remote_address), via_port=self.port,
+        bye, destination = build_bye(call, via_host=self.responses.contact_host(call.remote_address), via_port=self.port,
                                      protocol=protocol, user_agent=self.config.user_agent)
         self._end(call, reason)
         self._spawn(self.client.request(bye, destination))
