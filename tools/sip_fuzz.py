@@ -1964,6 +1964,14 @@ def serve_child(stats_path: str, argv: list[str]) -> None:
 
     phone.SIPServer = Recorded
     args = phone.parse_args(argv + ["--max-call-secs", str(SHORT_TIMERS["max_call_secs"])])
+    # serve-sip's own flags for the limits (where this tree has them) win over SIPConfig's defaults: set them too,
+    # unless the caller passed one with --server-arg
+    for flag, attr, value in (("--sip-rate", "sip_rate", FUZZ_LIMITS["udp_rate_per_source"]),
+                              ("--tcp-max-connections", "tcp_max_connections", FUZZ_LIMITS["tcp_max_connections"]),
+                              ("--tcp-max-per-source", "tcp_max_per_source", FUZZ_LIMITS["tcp_max_per_source"]),
+                              ("--tcp-idle-secs", "tcp_idle_secs", FUZZ_LIMITS["tcp_idle_secs"])):
+        if hasattr(args, attr) and not any(a == flag or a.startswith(flag + "=") for a in argv):
+            setattr(args, attr, value)
     logger.remove()
     logger.add(sys.stderr, level="INFO",
                filter=lambda record: not record["name"].startswith("pipecat.") or record["level"].no >= 30)
