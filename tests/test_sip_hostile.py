@@ -370,3 +370,26 @@ async def test_tcp_idle_timeout_spares_a_connection_carrying_a_call(rtp_peer, no
             await calls[0].hangup("bot done")
             data = await asyncio.wait_for(reader.read(4096), 2)
             assert b"BYE sip:" in data  # our BYE went back on the same connection
+
+
+async def test_udp_burst_fits_the_receive_buffer(no_errors):
+    """1,000 datagrams at once from 5 sources (each within its rate-limit burst) are all answered: the socket's
+    receive buffer holds the burst (the kernel default dropped ~85 % of 2,000)."""
+    loop = asyncio.get_running_loop()
+    sources = []
+    for i in range(5):  # five source addresses: the per-source rate limit is not what is tested here
+        transport, source = await loop.create_datagram_endpoint(Peer, local_addr=(f"127.0.0.{i + 1}", 0))
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)  # ours too
+        sources.append(source)
+    try:
+        async with serving() as server:
+            dialogs = [Dialog(p, server.port) for p in sources]
+            for i in range(1000):
+                dialogs[i % 5].send("OPTIONS")
+            deadline = loop.time() + 5
+            while sum(p.inbox.qsize() for p in sources) < 1000 and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            assert sum(p.inbox.qsize() for p in sources) == 1000
+    finally:
+        for p in sources:
+            p.close()
