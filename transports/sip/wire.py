@@ -278,13 +278,13 @@ class SIPWire:
             while True:
                 stripped = buffer.lstrip(b"\r\n")
                 crlf = len(buffer) - len(stripped)
-                if crlf:  # keep-alives between messages (RFC 5626 §3.5.1): bounded per connection
+                if crlf and not stripped:  # only keep-alives (RFC 5626 §3.5.1): bounded per connection
                     if not keepalives.take(loop.time(), max(1, crlf // 4)):
                         logger.warning(f"SIP over TCP from {peer[0]}:{peer[1]}: keep-alive flood; closing")
                         return "keep-alive flood"
                     if crlf >= 4:
                         self.send(b"\r\n", peer)
-                    buffer = stripped
+                buffer = stripped  # CRLFs before a start line are ignored (RFC 3261 §7.5)
                 if not buffer:
                     message_deadline = None
                     break
