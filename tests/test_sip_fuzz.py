@@ -66,8 +66,6 @@ def test_findings_quote_inputs_as_python_that_rebuilds_them():
         assert eval(bytes_literal(data, limit=10**6)) == data
 
 
-@pytest.mark.xfail(reason="issue 11: the hardening of transports/sip (total parser/SDP/set-up) is not committed yet; "
-                   "committed HEAD gives tracebacks and stuck calls on this slice", strict=False)
 @pytest.mark.timeout(180)
 async def test_fuzz_slice_leaves_the_server_up_clean_and_transcribing(namespace):
     args = parse_args(["--inputs", str(SLICE_INPUTS), "--seed", "1", "--in-process", "--findings", "",
