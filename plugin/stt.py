@@ -129,9 +129,11 @@ class NemotronSTTService(STTService):
     @classmethod
     async def preload(cls, *, model: str = DEFAULT_MODEL, chunk_ms: int = 160, device: str = "auto",
                       max_streams: int = 64) -> Engine:
-        """Load the shared engine before calls arrive (servers: call at start-up); it is also the
-        admission (`try_reserve()`) a transport asks before answering a call."""
-        return await Engine.shared(model=model, chunk_ms=chunk_ms, device=device, max_streams=max_streams).ready()
+        """Load the shared engine and run one warm-up utterance before calls arrive (servers: call at start-up);
+        the engine is also the admission (`try_reserve()`) a transport asks before answering a call."""
+        engine = await Engine.shared(model=model, chunk_ms=chunk_ms, device=device, max_streams=max_streams).ready()
+        await engine.warm_up()
+        return engine
 
     @property
     def engine(self) -> Engine | None:

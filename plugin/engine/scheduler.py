@@ -211,6 +211,22 @@ class Engine:
             await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)
         return self.wait_ready(0)
 
+    async def warm_up(self, seconds: float = 1.0) -> float:
+        """Run one utterance of silence through the whole path (first steps allocate and initialise kernels, ~1-2 s
+        on a CPU), so the first caller does not pay for it. Returns the seconds it took; servers call it at start."""
+        await self.ready()
+        started = time.perf_counter()
+        stream = self.open_stream(language="auto")
+        try:
+            stream.feed(np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32))
+            stream.finalize()
+            async for result in stream:
+                if isinstance(result, Final):
+                    break
+        finally:
+            stream.close()
+        return time.perf_counter() - started
+
     def close(self) -> None:
         """Stop the engine thread; open streams end."""
         with self._lock:
