@@ -338,3 +338,36 @@ def test_a_tokenizer_whose_pieces_do_not_join_is_decoded_whole():
     table = PieceTable(Odd())
     assert not table.incremental
     assert Detokenizer(table).update([0, 1, 2]) == "a-b-c"
+
+
+async def test_a_lagging_engine_refuses_new_calls_until_it_catches_up(engines, slow_steps, monkeypatch):
+    """Calls it already has go on; new ones are refused while their audio would only queue up behind."""
+    decode = nemo_compat.decode_step
+
+    def slower(*args, **kwargs):
+        time.sleep(0.2)  # slower than the 160 ms of audio each step covers
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(nemo_compat, "decode_step", slower)
+    engine = engines(max_streams=4, max_admission_lag_s=0.5)
+    await engine.ready()
+    busy = engine.open_stream(language="en-US")
+    busy.feed(speechlike(2.5, seed=9))  # arrives at once, stepped at 0.8x real time
+    for _ in range(60):
+        if engine.lagging:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.lagging and not engine.has_capacity and engine.free_slots == 3
+    assert engine.try_reserve() is None
+    with pytest.raises(CapacityError, match="behind real time"):
+        engine.reserve()
+    busy.finalize()
+    await asyncio.wait_for(next_final(busy), 20)  # the call it had is served
+    busy.close()
+    for _ in range(60):
+        if not engine.lagging:
+            break
+        await asyncio.sleep(0.1)
+    reservation = engine.try_reserve()
+    assert reservation is not None
+    reservation.release()

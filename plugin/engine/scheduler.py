@@ -27,7 +27,8 @@ import torch
 
 from . import nemo_compat
 from .detokenize import Detokenizer, PieceTable
-from .errors import EngineStepError, ModelLoadError, NemotronEngineError, StreamClosedError, UnsupportedLanguageError
+from .errors import (CapacityError, EngineStepError, ModelLoadError, NemotronEngineError, StreamClosedError,
+                     UnsupportedLanguageError)
 from .features import HOP, LEAD_FRAMES, MelExtractor, window_for
 from .loader import DEFAULT_MODEL, SAMPLE_RATE, chunk_spec, load_model, model_name, resolve_device
 from .reservation import Capacity, StreamReservation
@@ -68,6 +69,7 @@ class EngineStats:
     last_step_ms: float = 0.0
     last_batch: int = 0
     last_lag_s: float = 0.0
+    last_step_at: float = 0.0  # time.monotonic() of the last step
     max_lag_s: float = 0.0
     failed_steps: int = 0
     batch_sizes: deque = field(default_factory=lambda: deque(maxlen=EngineStats.WINDOW))
@@ -117,6 +119,8 @@ class Engine:
         max_batch: most streams in one step (default: all slots).
         max_backlog_s: most unprocessed audio per stream before `feed` raises `BacklogError`.
         max_utterance_s: an utterance nobody finalizes is finalized at this length (bounds memory).
+        max_admission_lag_s: while the engine steps audio this many seconds behind real time, `try_reserve()`
+            refuses new calls (the calls it has go on); None to admit by free slots only.
         strip_language_tags: remove `<xx-YY>` from text (the language is reported separately).
         reset_context_per_utterance: start each utterance with empty encoder caches instead of carrying
             the call's context over. Default: what the model's config asks for
@@ -131,7 +135,8 @@ class Engine:
 
     def __init__(self, *, model=DEFAULT_MODEL, chunk_ms: int = 160, device: str = "auto", max_streams: int = 64,
                  max_batch: int | None = None, max_backlog_s: float = 30.0, max_utterance_s: float = 60.0,
-                 strip_language_tags: bool = True, reset_context_per_utterance: bool | None = None):
+                 max_admission_lag_s: float | None = 2.0, strip_language_tags: bool = True,
+                 reset_context_per_utterance: bool | None = None):
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
         self.model_source = model
@@ -142,6 +147,7 @@ class Engine:
         self.max_batch = max_batch or max_streams
         self.max_backlog_s = max_backlog_s
         self.max_utterance_s = max_utterance_s
+        self.max_admission_lag_s = max_admission_lag_s
         self.strip_language_tags = strip_language_tags
         self.reset_context_per_utterance = reset_context_per_utterance
         self.stats = EngineStats(chunk_ms=chunk_ms)
@@ -150,7 +156,8 @@ class Engine:
         self.languages: dict[str, int] = {}
         self.lag_warning_s = 1.0
         self._options = {"max_streams": max_streams, "max_batch": self.max_batch, "max_backlog_s": max_backlog_s,
-                         "max_utterance_s": max_utterance_s, "strip_language_tags": strip_language_tags,
+                         "max_utterance_s": max_utterance_s, "max_admission_lag_s": max_admission_lag_s,
+                         "strip_language_tags": strip_language_tags,
                          "reset_context_per_utterance": reset_context_per_utterance}
         self._capacity = Capacity(max_streams)
         self._lock = threading.Lock()
@@ -289,9 +296,16 @@ class Engine:
         return self._capacity.free if self.alive else 0
 
     @property
+    def lagging(self) -> bool:
+        """Stepping audio more than `max_admission_lag_s` behind real time (measured within the last 2 s)."""
+        stats = self.stats
+        return (self.max_admission_lag_s is not None and stats.last_lag_s > self.max_admission_lag_s
+                and time.monotonic() - stats.last_step_at < 2.0)
+
+    @property
     def has_capacity(self) -> bool:
         """Whether `try_reserve()` would succeed now (for a SIP OPTIONS answer or a health check)."""
-        return self.free_slots > 0
+        return self.free_slots > 0 and not self.lagging
 
     # ---- admission -----------------------------------------------------------------------
     def try_reserve(self) -> StreamReservation | None:
@@ -299,7 +313,7 @@ class Engine:
 
         Hand it to `open_stream(reservation=...)` (or `NemotronSTTService(reservation=...)`) and
         `release()` it when the call is over, however it ended (idempotent)."""
-        if not self.alive_or_loading:
+        if not self.alive_or_loading or self.lagging:
             return None
         return self._capacity.try_reserve()
 
@@ -311,6 +325,9 @@ class Engine:
         """Like `try_reserve`, but raises `CapacityError` when full (`StreamClosedError` when not alive)."""
         if not self.alive_or_loading:
             raise StreamClosedError(f"the engine is not serving ({self.health}).")
+        if self.lagging:
+            raise CapacityError(f"the engine lags {self.stats.last_lag_s:.1f} s behind real time (limit "
+                                f"{self.max_admission_lag_s} s): refusing new calls until it catches up.")
         return self._capacity.reserve()
 
     # ---- streams -------------------------------------------------------------------------
@@ -612,9 +629,10 @@ class Engine:
 
     def _check_lag(self, jobs: list[_Job]) -> None:
         lag = max((job.stream.audio_age_s for job in jobs if job.step), default=0.0)
+        now = time.monotonic()
         self.stats.last_lag_s = lag
         self.stats.max_lag_s = max(self.stats.max_lag_s, lag)
-        now = time.monotonic()
+        self.stats.last_step_at = now
         if lag > self.lag_warning_s and now - self._lag_warned_at > 10.0:
             self._lag_warned_at = now
             logger.warning("engine lags %.1f s behind real time (last step %.0f ms for %d streams of %d ms): "
