@@ -1592,11 +1592,6 @@ async def normal_call(server: tuple[str, int], wav_path: Path = DEFAULT_WAV, *, 
         rtp_t.close()
 
 
-def _normalise(text: str) -> str:
-    text = re.sub(r"<[^>]*>", " ", text.lower())
-    return " ".join(re.sub(r"[^\w\s']", " ", text).split())
-
-
 def expected_text(wav_path: Path) -> str | None:
     manifest = wav_path.parent / "manifest.jsonl"
     if not manifest.exists():
