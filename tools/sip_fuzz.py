@@ -410,8 +410,12 @@ class Mutator:
     def huge_header(self, t: Template) -> str:
         rng = self.rng
         size = rng.choice([8192, 65_000, 65_535, 65_536, 70_000, 200_000])
-        kind = rng.choice(["value", "new", "many", "via-params", "name"])
-        if kind == "value" and t.headers:
+        kind = rng.choice(["value", "new", "many", "via-params", "name", "pathological"])
+        if kind == "pathological" and t.headers:  # what a list/param/quote scanner might go quadratic on
+            h = rng.choice(t.headers)
+            unit = rng.choice(["<", ">", ",", ";", '"', '\\"', "a=", ";a", "<sip:a@b>,", '"x",', "[", "::", "%"])
+            h[1] = (h[1] or "") + unit * (size // len(unit))
+        elif kind == "value" and t.headers:
             h = rng.choice(t.headers)
             h[1] = (h[1] or "") + "a" * size
         elif kind == "new":
