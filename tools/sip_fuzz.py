@@ -2033,6 +2033,7 @@ class Report:
     statuses: dict = field(default_factory=dict)
     mutators: dict = field(default_factory=dict)
     new_findings: int = 0
+    server_log: str = ""
     recheck: list = field(default_factory=list)
 
     rss_margin: int = 64 * 2**20
@@ -2081,6 +2082,8 @@ class Report:
             f"  responses: {dict(sorted(self.statuses.items()))}",
             f"  mutators: {dict(sorted(self.mutators.items()))}",
         ]
+        if self.server_log:
+            lines.append(f"  server log: {self.server_log}")
         if self.normal_call:
             lines.append(f"  normal call: {self.normal_call}; transcript {self.transcript!r} "
                          f"(expected {self.expected!r})")
@@ -2325,6 +2328,7 @@ async def run(args) -> Report:
         target = SubprocessTarget(Path(tempfile.mkdtemp(prefix="sip_fuzz_")), model=args.model,
                                   extra=args.server_arg)
     report.mode = target.kind
+    report.server_log = str(getattr(target, "log_path", "") or "")
     if args.target and args.rate is None:
         args.rate = 150.0  # under a production server's per-source UDP rate limit (200/s), which we cannot raise
     args.rate = args.rate or 0
