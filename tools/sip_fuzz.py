@@ -2296,6 +2296,10 @@ async def replay_unanswered(data: bytes, wait: float = 1.5, *, final: bool = Fal
     address = await target.start()
     loop = asyncio.get_running_loop()
     t, q = await loop.create_datagram_endpoint(_Queue, local_addr=(HOST, 0))
+    port = t.get_extra_info("sockname")[1]
+    # responses without rport go to the Via's port: point every Via of ours at this socket
+    data = re.sub(rb"(?im)^((?:via|v)[ \t]*:[ \t]*SIP/2\.0/\w+ 127\.0\.0\.1:)\d+", lambda m: m.group(1) +
+                  str(port).encode(), data)
     try:
         t.sendto(data, address)
         deadline = loop.time() + wait
