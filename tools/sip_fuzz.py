@@ -2627,6 +2627,7 @@ async def recheck(path: Path, label: str, seen: dict | None = None, run_desc: st
             elif not status.startswith("still"):
                 status = "still reproduces"
         results.append((signature, status))
+        section = re.sub(r"(?m)^- recheck .*\n?", "", section)  # only the latest status is kept
         section = section.rstrip("\n") + f"\n- recheck {stamp} against {label}: {status}\n\n"
         out.append(section)
     path.write_text("".join(out))
