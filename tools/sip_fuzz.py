@@ -1451,7 +1451,7 @@ class Fuzzer:
             if waited % 0.5 < 0.01:
                 harvest()
 
-    def check_due(self, *, deadline: float = 2.0, final_deadline: float = 6.0) -> list[tuple[str, Sent, str]]:
+    def check_due(self, *, deadline: float = 5.0, final_deadline: float = 10.0) -> list[tuple[str, Sent, str]]:
         """Inputs whose response (or INVITE final response) is overdue; removed once reported."""
         now = time.monotonic()
         late = []
@@ -1767,7 +1767,10 @@ class InProcessTarget:
         """Swap the recording on_call for the demo model's phone pipeline; returns the list that gets the texts."""
         import io
 
-        from pipecat_nemotron import phone
+        try:  # pipecat_nemotron.apps.phone since the apps moved; pipecat_nemotron.phone before
+            from pipecat_nemotron.apps import phone
+        except ImportError:
+            from pipecat_nemotron import phone
         from pipecat_nemotron.engine import Engine
         from pipecat_nemotron.stt import NemotronSTTService
 
@@ -1792,12 +1795,16 @@ class InProcessTarget:
 
 
 class SubprocessTarget:
-    """``serve-sip --model demo`` in a child process (through ``--serve-child``: the same ``phone.serve`` with the
-    fuzz run's short timers, plus a stats file with the server's call counts)."""
+    """``serve-sip --model demo`` in a child process: through ``--serve-child`` (the same ``phone.serve`` with the
+    fuzz run's short timers, plus a stats file with the server's call counts), or with ``plain`` the unmodified
+    ``pipecat-nemotron serve-sip`` CLI (its own timers; call counts not observable)."""
 
     kind = "subprocess"
 
-    def __init__(self, workdir: Path, *, model: str = "demo", extra: list[str] | None = None):
+    def __init__(self, workdir: Path, *, model: str = "demo", extra: list[str] | None = None, plain: bool = False):
+        self.plain = plain
+        if plain:
+            self.kind = "subprocess (plain serve-sip)"
         self.workdir = workdir
         self.model = model
         self.extra = extra or []
@@ -1815,9 +1822,21 @@ class SubprocessTarget:
             port = s.getsockname()[1]
         for p in (self.log_path, self.out_path, self.stats_path):
             p.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "tools.sip_fuzz", "--serve-child", str(self.stats_path), "--",
-               "--host", HOST, "--port", str(port), "--model", self.model, "--device", "cpu",
-               "--output", str(self.out_path), *self.extra]
+        serve = ["--host", HOST, "--port", str(port), "--model", self.model, "--device", "cpu",
+                 "--output", str(self.out_path), *self.extra]
+        if self.plain:
+            cli = Path(sys.executable).parent / "pipecat-nemotron"
+            head = [str(cli)] if cli.exists() else [sys.executable, "-c", "try:\n from pipecat_nemotron.apps.cli import app"
+                                                    "\nexcept ImportError:\n from pipecat_nemotron.cli import app\napp()"]
+            limits = [("--sip-rate", FUZZ_LIMITS["udp_rate_per_source"]),
+                      ("--tcp-max-connections", FUZZ_LIMITS["tcp_max_connections"]),
+                      ("--tcp-max-per-source", FUZZ_LIMITS["tcp_max_per_source"]),
+                      ("--tcp-idle-secs", FUZZ_LIMITS["tcp_idle_secs"]),
+                      ("--max-call-secs", SHORT_TIMERS["max_call_secs"])]
+            serve += [str(x) for flag, value in limits if flag not in self.extra for x in (flag, value)]
+            cmd = [*head, "serve-sip", *serve]
+        else:
+            cmd = [sys.executable, "-m", "tools.sip_fuzz", "--serve-child", str(self.stats_path), "--", *serve]
         self.command = " ".join(cmd)
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -1825,7 +1844,7 @@ class SubprocessTarget:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"serve-sip exited {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            if self.stats_path.exists():
+            if self.stats_path.exists() or (self.plain and b"phone transcriber on sip:" in self.log_path.read_bytes()):
                 break
             await asyncio.sleep(0.2)
         else:
@@ -1866,12 +1885,16 @@ class SubprocessTarget:
         return process_usage(self.proc.pid) if self.proc else (0, 0)
 
     def call_state(self) -> dict:
+        if self.plain:
+            return {"calls": "not observable (plain serve-sip)"}
         try:
             return json.loads(self.stats_path.read_text())
         except (OSError, ValueError):
             return {"active_calls": -1, "calls": -1}
 
     def settled(self) -> bool:
+        if self.plain:
+            return True  # not observable: the run waits --settle seconds instead
         state = self.call_state()
         return state.get("active_calls") == 0 and state.get("calls") == 0 and state.get("streams", 0) == 0
 
@@ -1944,7 +1967,10 @@ def serve_child(stats_path: str, argv: list[str]) -> None:
     the server's call counts to ``stats_path`` twice a second."""
     from loguru import logger
 
-    from pipecat_nemotron import phone
+    try:  # pipecat_nemotron.apps.phone since the apps moved; pipecat_nemotron.phone before
+        from pipecat_nemotron.apps import phone
+    except ImportError:
+        from pipecat_nemotron import phone
 
     shorten_server_memory()
     base_config = phone.SIPConfig
@@ -2330,14 +2356,14 @@ async def run(args) -> Report:
     else:
         import tempfile
         target = SubprocessTarget(Path(tempfile.mkdtemp(prefix="sip_fuzz_")), model=args.model,
-                                  extra=args.server_arg)
+                                  extra=args.server_arg, plain=args.plain)
     report.mode = target.kind
     report.server_log = str(getattr(target, "log_path", "") or "")
     if args.target and args.rate is None:
         args.rate = 150.0  # under a production server's per-source UDP rate limit (200/s), which we cannot raise
     args.rate = args.rate or 0
-    if args.slow_check is None:  # the fuzz config's tcp_message_secs plus a margin, or production's for --target
-        args.slow_check = 15.0 if args.target else FUZZ_LIMITS["tcp_message_secs"] * 1.5 + 1
+    if args.slow_check is None:  # the fuzz config's tcp_message_secs plus a margin, or production's (10 s)
+        args.slow_check = 15.0 if args.target or args.plain else FUZZ_LIMITS["tcp_message_secs"] * 1.5 + 1
     address = await target.start()
     await asyncio.sleep(0.2)
     _, fds_idle = target.usage()  # the server's own fds before any input (ours are closed again before "after")
@@ -2429,7 +2455,11 @@ async def run(args) -> Report:
         if not report.rss_before:
             report.rss_before, report.fds_before = target.usage()[0], fds_idle
         # let answers arrive, then close our side and wait for the server's timers
-        await asyncio.sleep(2.5)
+        end = time.monotonic() + 10.5  # until every owed response came or is overdue (5 s; a final 10 s)
+        while (fuzzer.due or fuzzer.final_due) and time.monotonic() < end:
+            await asyncio.sleep(0.1)
+            harvest()  # counts what became overdue
+        await asyncio.sleep(0.5)
         harvest()
         if isinstance(target, SubprocessTarget):
             target.poll_log(final=True)
@@ -2443,6 +2473,8 @@ async def run(args) -> Report:
                              f"(the fuzz config's tcp_message_secs is {FUZZ_LIMITS['tcp_message_secs']:g} s, "
                              f"tcp_idle_secs {FUZZ_LIMITS['tcp_idle_secs']:g} s)", "", [], fuzzer.index)
         deadline = time.monotonic() + args.settle
+        if getattr(target, "plain", False):  # its calls cannot be seen: wait out production timers (no ACK 32 s,
+            await asyncio.sleep(args.settle)  # RTP silence 60 s)
         while time.monotonic() < deadline and not target.settled():
             await asyncio.sleep(0.25)
         await asyncio.sleep(0.5)
@@ -2644,6 +2676,9 @@ def parse_args(argv=None):
     parser.add_argument("--in-process", action="store_true",
                         help="SIPUserAgentServer in this process with a recording on_call (what CI runs)")
     parser.add_argument("--model", default="demo", help="the spawned serve-sip's --model")
+    parser.add_argument("--plain", action="store_true",
+                        help="spawn the unmodified `pipecat-nemotron serve-sip` (production timers, so use --settle 70; "
+                        "its call counts cannot be checked)")
     parser.add_argument("--server-arg", action="append", default=[], help="more serve-sip arguments (repeat)")
     parser.add_argument("--tcp-share", type=float, default=0.25, help="share of inputs over TCP")
     parser.add_argument("--rate", type=float, default=None,
