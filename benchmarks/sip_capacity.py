@@ -37,7 +37,7 @@ def free_udp_port() -> int:
 
 
 async def one_size(calls: int, runs: int, chunk_ms: int, console: Console) -> dict:
-    from pipecat_nemotron import phone
+    from pipecat_nemotron.apps import phone
     from pipecat_nemotron.engine import Engine
 
     port = free_udp_port()

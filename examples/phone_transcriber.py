@@ -3,7 +3,7 @@
     python examples/phone_transcriber.py --port 5060 --model demo --output calls.jsonl
     python examples/phone_transcriber.py --allow 10.0.0.0/8 --max-calls 8 --greeting hello.wav
 
-Same as `pipecat-nemotron serve-sip`. Per call the pipeline (see `pipecat_nemotron.phone.run_call`) is::
+Same as `pipecat-nemotron serve-sip`. Per call the pipeline (see `pipecat_nemotron.apps.phone.run_call`) is::
 
     SIPCallTransport.input() → VADProcessor(WebRTCVADAnalyzer) → NemotronSTTService → TranscriptWriter
                              → SIPCallTransport.output()
@@ -12,7 +12,7 @@ Point a trunk or PBX at it (Asterisk: ``direct_media=no``, ``rtp_symmetric=yes``
 FreeSWITCH / Kamailio: route to ``sip:transcriber@HOST:PORT``).
 """
 
-from pipecat_nemotron.phone import main
+from pipecat_nemotron.apps.phone import main
 
 if __name__ == "__main__":
     main()

@@ -67,7 +67,7 @@ from pipecat.processors.audio.vad_processor import VADProcessor
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transcriptions.language import Language
 
-from pipecat_nemotron.client_session import run_until_client_leaves
+from pipecat_nemotron.apps.client_session import run_until_client_leaves
 from pipecat_nemotron.engine import DEFAULT_MODEL, Engine
 from pipecat_nemotron.stt import NemotronSTTService
 from pipecat_nemotron.vad import WebRTCVADAnalyzer

@@ -16,7 +16,7 @@ The page shows the interim hypothesis while you speak and one line per utterance
     export NEMOTRON_LLM_BASE_URL=http://localhost:8000/v1   # or OPENAI_BASE_URL (default: api.openai.com)
     export NEMOTRON_LLM_MODEL=...              # or OPENAI_MODEL
 
-Everything here is `pipecat_nemotron.webrtc_server` (also `pipecat-nemotron serve-webrtc`); this file shows the
+Everything here is `pipecat_nemotron.apps.webrtc_server` (also `pipecat-nemotron serve-webrtc`); this file shows the
 pieces: a per-call pipeline `transport.input() -> VADProcessor(WebRTCVADAnalyzer) -> NemotronSTTService ->
 TranscriptRelay -> transport.output()`, all calls sharing one batched engine.
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 
 from pipecat_nemotron.engine import DEFAULT_MODEL
-from pipecat_nemotron.webrtc_server import run_webrtc_server
+from pipecat_nemotron.apps.webrtc_server import run_webrtc_server
 
 
 def main() -> None:

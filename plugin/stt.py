@@ -80,6 +80,7 @@ class NemotronSTTService(STTService):
             engine is full.
         max_streams: slots of the shared engine, if this service is the one that creates it (another
             value than the existing engine's is an error).
+        threads: CPU threads of the shared engine it creates (default: `engine.default_threads()`).
         ttfs_p99_latency: override the measured default for this chunk size (measured on a 2-core CPU; pass
             your own on a GPU).
         settings: `NemotronSTTSettings` overrides.
@@ -91,7 +92,7 @@ class NemotronSTTService(STTService):
     def __init__(self, *, model: str = DEFAULT_MODEL, chunk_ms: int = 160, language: Language | None = None,
                  device: str = "auto", strip_language_tags: bool = True, interim_results: bool = True,
                  engine: Engine | None = None, reservation: StreamReservation | None = None,
-                 max_streams: int | None = None, ttfs_p99_latency: float | None = None,
+                 max_streams: int | None = None, threads: int | None = None, ttfs_p99_latency: float | None = None,
                  settings: NemotronSTTSettings | None = None, **kwargs):
         default_settings = self.Settings(model=str(model if engine is None else engine.model_name),
                                          language=language_to_locale(language) if language else None)
@@ -111,6 +112,7 @@ class NemotronSTTService(STTService):
         self._engine_given = engine
         self._reservation = reservation
         self._max_streams = max_streams
+        self._threads = threads
         self._stream = None
         self._reader: asyncio.Task | None = None
         self._failures = 0  # stream failures since the last Final
@@ -128,10 +130,12 @@ class NemotronSTTService(STTService):
 
     @classmethod
     async def preload(cls, *, model: str = DEFAULT_MODEL, chunk_ms: int = 160, device: str = "auto",
-                      max_streams: int = 64) -> Engine:
+                      max_streams: int = 64, threads: int | None = None) -> Engine:
         """Load the shared engine and run one warm-up utterance before calls arrive (servers: call at start-up);
         the engine is also the admission (`try_reserve()`) a transport asks before answering a call."""
-        engine = await Engine.shared(model=model, chunk_ms=chunk_ms, device=device, max_streams=max_streams).ready()
+        options = {"threads": threads} if threads else {}
+        engine = await Engine.shared(model=model, chunk_ms=chunk_ms, device=device, max_streams=max_streams,
+                                     **options).ready()
         await engine.warm_up()
         return engine
 
@@ -192,6 +196,8 @@ class NemotronSTTService(STTService):
         options = {"strip_language_tags": self._strip_language_tags}
         if self._max_streams is not None:
             options["max_streams"] = self._max_streams
+        if self._threads is not None:
+            options["threads"] = self._threads
         return options
 
     async def _flush_last_utterance(self):

@@ -9,7 +9,7 @@ from loguru import logger
 from scipy.signal import resample_poly
 from typer.testing import CliRunner
 
-from pipecat_nemotron.cli import app
+from pipecat_nemotron.apps.cli import app
 from pipecat_nemotron.wav import write_wav
 from tiny import speechlike
 

@@ -3,6 +3,7 @@ capacity is one reservation count, and the thread never dies silently."""
 
 import asyncio
 import contextlib
+import os
 import random
 import threading
 import time
@@ -371,3 +372,31 @@ async def test_a_lagging_engine_refuses_new_calls_until_it_catches_up(engines, s
     reservation = engine.try_reserve()
     assert reservation is not None
     reservation.release()
+
+
+async def test_the_engine_sets_its_cpu_threads(tiny_model, engines):
+    import torch
+
+    from pipecat_nemotron.engine.scheduler import default_threads
+
+    assert default_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
+    engine = engines(threads=1)
+    await engine.ready()
+    observed = []  # what the model step sees, on the engine's thread
+    stream = engine.open_stream(language="en-US")
+    original = nemo_compat.decode_step
+
+    def spy(*args, **kwargs):
+        observed.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    nemo_compat.decode_step = spy
+    try:
+        stream.feed(speechlike(0.5, seed=8))
+        stream.finalize()
+        await asyncio.wait_for(next_final(stream), 10)
+    finally:
+        nemo_compat.decode_step = original
+        stream.close()
+    assert observed and set(observed) == {1}
+    assert engines(threads=2).threads == 2

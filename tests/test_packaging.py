@@ -15,6 +15,7 @@ def test_wheel_maps_plugin_and_transports(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "pipecat_nemotron/__init__.py" in names
     assert "pipecat_nemotron/engine/scheduler.py" in names
+    assert "pipecat_nemotron/apps/cli.py" in names and "pipecat_nemotron/apps/phone.py" in names
     assert "pipecat_nemotron/transports/__init__.py" in names
     assert "pipecat_nemotron/transports/sip/uas.py" in names
     assert "pipecat_nemotron/transports/g711.py" in names

@@ -32,7 +32,7 @@ class Server:
     """`pipecat-nemotron serve-sip --model demo` in this process, writing its JSON lines to memory."""
 
     def __init__(self, *extra: str):
-        from pipecat_nemotron import phone
+        from pipecat_nemotron.apps import phone
 
         self.port = free_udp_port()
         self.args = phone.parse_args(["--model", "demo", "--device", "cpu", "--host", "127.0.0.1",
@@ -77,7 +77,7 @@ async def wait_for_lines(server: Server, call_ids: list[str], timeout: float = 6
 
 
 async def test_twenty_callers_at_once_are_served_or_refused_never_answered_and_dropped():
-    from pipecat_nemotron import phone
+    from pipecat_nemotron.apps import phone
 
     max_calls = phone.parse_args([]).max_calls
     files = sorted(HELDOUT.glob("*.wav"))[:20]

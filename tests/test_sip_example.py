@@ -17,7 +17,7 @@ from pipecat.transcriptions.language import Language
 from test_sip_uas import HOST, Dialog, Peer, media_port
 
 def load_example():
-    from pipecat_nemotron import phone
+    from pipecat_nemotron.apps import phone
 
     return phone
 

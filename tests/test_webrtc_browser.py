@@ -31,7 +31,7 @@ from fastapi import Request  # module level: this file's annotations are strings
 from pipecat.transcriptions.language import Language
 
 from pipecat_nemotron.engine import Engine, Final
-from pipecat_nemotron.webrtc_server import LLMConfig, WebRTCServer, allow_loopback_ice_candidates
+from pipecat_nemotron.apps.webrtc_server import LLMConfig, WebRTCServer, allow_loopback_ice_candidates
 from engine_support import final_of, next_final
 from tiny import speechlike
 

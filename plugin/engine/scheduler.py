@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -41,6 +42,15 @@ logger = logging.getLogger("pipecat_nemotron.engine")
 _registry: dict[tuple, "Engine"] = {}
 _registry_lock = threading.Lock()
 _model_locks: dict[int, threading.Lock] = {}
+
+
+def default_threads() -> int:
+    """CPU threads an engine uses unless told: one less than this process's CPUs, at least one."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus - 1)
 
 
 def _model_lock(model) -> threading.Lock:
@@ -122,6 +132,11 @@ class Engine:
         max_admission_lag_s: while the engine steps audio this many seconds behind real time, `try_reserve()`
             refuses new calls (the calls it has go on); None to admit by free slots only.
         strip_language_tags: remove `<xx-YY>` from text (the language is reported separately).
+        threads: CPU threads for the model's math (`torch.set_num_threads` at load; torch's setting is
+            process-wide, so engines of one process should agree).
+            Default: one less than the CPUs this process may use (at least 1), so the event loop, Pipecat and
+            the transports keep a core: with a busy neighbour, OpenMP threads that wait for a taken core turn a
+            20 ms step into seconds (`default_threads`).
         reset_context_per_utterance: start each utterance with empty encoder caches instead of carrying
             the call's context over. Default: what the model's config asks for
             (`pipecat_nemotron.reset_context_per_utterance`; neither the bundled demo model, which was
@@ -136,7 +151,7 @@ class Engine:
     def __init__(self, *, model=DEFAULT_MODEL, chunk_ms: int = 160, device: str = "auto", max_streams: int = 64,
                  max_batch: int | None = None, max_backlog_s: float = 30.0, max_utterance_s: float = 60.0,
                  max_admission_lag_s: float | None = 2.0, strip_language_tags: bool = True,
-                 reset_context_per_utterance: bool | None = None):
+                 threads: int | None = None, reset_context_per_utterance: bool | None = None):
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
         self.model_source = model
@@ -148,6 +163,7 @@ class Engine:
         self.max_backlog_s = max_backlog_s
         self.max_utterance_s = max_utterance_s
         self.max_admission_lag_s = max_admission_lag_s
+        self.threads = threads or default_threads()
         self.strip_language_tags = strip_language_tags
         self.reset_context_per_utterance = reset_context_per_utterance
         self.stats = EngineStats(chunk_ms=chunk_ms)
@@ -157,7 +173,7 @@ class Engine:
         self.lag_warning_s = 1.0
         self._options = {"max_streams": max_streams, "max_batch": self.max_batch, "max_backlog_s": max_backlog_s,
                          "max_utterance_s": max_utterance_s, "max_admission_lag_s": max_admission_lag_s,
-                         "strip_language_tags": strip_language_tags,
+                         "strip_language_tags": strip_language_tags, "threads": self.threads,
                          "reset_context_per_utterance": reset_context_per_utterance}
         self._capacity = Capacity(max_streams)
         self._lock = threading.Lock()
@@ -460,6 +476,7 @@ class Engine:
                     self._fail_stream(job.stream, error)
 
     def _load(self) -> None:
+        torch.set_num_threads(self.threads)
         self.device = resolve_device(self.device_request)
         self.model = load_model(self.model_source, device=self.device)
         self._step_lock = _model_lock(self.model)
@@ -474,8 +491,9 @@ class Engine:
         self._pieces = PieceTable(self.model.tokenizer)
         if not self._pieces.incremental:
             logger.info("tokenizer pieces do not join into its text: each step decodes the whole hypothesis")
-        logger.info("engine ready: %s, %d ms chunks (att_context_size %s), %s, %d slots", self.model_name,
-                    self.chunk_ms, list(self.spec.att_context_size), self.device, self.max_streams)
+        logger.info("engine ready: %s, %d ms chunks (att_context_size %s), %s, %d slots, %d CPU thread(s)",
+                    self.model_name, self.chunk_ms, list(self.spec.att_context_size), self.device, self.max_streams,
+                    torch.get_num_threads())
 
     def _next_jobs(self) -> list[_Job]:
         """Free the slots of streams ended since the last step, then collect ready streams (lock held).

@@ -21,9 +21,9 @@ from pipecat.processors.audio.vad_processor import VADProcessor
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
-from .stt import NemotronSTTService
-from .vad import SUPPORTED_RATES, WebRTCVADAnalyzer
-from .wav import Wav
+from ..stt import NemotronSTTService
+from ..vad import SUPPORTED_RATES, WebRTCVADAnalyzer
+from ..wav import Wav
 
 FRAME_MS = 20
 TRAILING_SILENCE_S = 0.6

@@ -11,7 +11,7 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.workers.runner import WorkerRunner
 
-from .stt import END_FLUSH_MAX_S
+from ..stt import END_FLUSH_MAX_S
 
 # After the client left, the pipeline is cancelled if still running this long: the STT waits for its last
 # finals as long as the engine's backlog needs (at most END_FLUSH_MAX_S), so only a stuck stage hits this.

@@ -34,7 +34,7 @@ from pipecat.processors.audio.vad_processor import VADProcessor
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
-from .transports.sip import SIPCall, SIPCallTransport, SIPConfig, SIPServer
+from ..transports.sip import SIPCall, SIPCallTransport, SIPConfig, SIPServer
 
 OUTPUT_CHUNK_SAMPLES = 320  # pipecat's output sends whole 40 ms chunks at 8 kHz: pad the greeting to that
 
@@ -112,7 +112,7 @@ async def run_call(call: SIPCall, *, stt: FrameProcessor, out: IO[str], greeting
 
 
 def _vad_analyzer(stop_secs: float):
-    from .vad import WebRTCVADAnalyzer
+    from ..vad import WebRTCVADAnalyzer
 
     return WebRTCVADAnalyzer(params=VADParams(stop_secs=stop_secs))
 
@@ -120,8 +120,8 @@ def _vad_analyzer(stop_secs: float):
 def make_stt(args: argparse.Namespace, *, engine=None, reservation=None):
     """One NemotronSTTService per call, on the engine stream the SIP server reserved before answering; they all
     share the engine preloaded at start-up."""
-    from .languages import locale_to_language
-    from .stt import NemotronSTTService
+    from ..languages import locale_to_language
+    from ..stt import NemotronSTTService
 
     language = None if args.language in (None, "auto") else locale_to_language(args.language)
     return NemotronSTTService(model=args.model, chunk_ms=args.chunk_ms, language=language, device=args.device,
@@ -134,11 +134,11 @@ async def serve(args: argparse.Namespace, *, stt_factory=None, out: IO[str] | No
     out = out or (sys.stdout if args.output == "-" else open(args.output, "a", encoding="utf-8"))
     admission = None
     if stt_factory is None:
-        from .stt import NemotronSTTService
+        from ..stt import NemotronSTTService
 
         started = time.monotonic()
         engine = await NemotronSTTService.preload(model=args.model, chunk_ms=args.chunk_ms, device=args.device,
-                                                  max_streams=max(args.max_calls, 1))
+                                                  max_streams=max(args.max_calls, 1), threads=args.threads)
         logger.info(f"model {args.model} ready in {time.monotonic() - started:.1f} s")
         # One capacity truth: the SIP server reserves an engine stream before it answers (503 + Retry-After
         # when none is free, OPTIONS 503 while full); the call's STT service runs on that reservation.
@@ -173,6 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-ms", type=int, default=160, help="80, 160, 320, 560 or 1120")
     parser.add_argument("--language", default="auto", help="a locale such as en-US, or 'auto' to detect")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of the model (default: one less than the CPUs, at least 1)")
     parser.add_argument("--max-calls", type=int, default=8, help="concurrent calls (503 beyond)")
     parser.add_argument("--allow", action="append", default=[], help="peer address or network (repeat); "
                         "default: everyone")

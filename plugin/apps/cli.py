@@ -30,15 +30,16 @@ def transcribe(
     realtime: bool = typer.Option(True, "--realtime/--fast", help="pace audio like a live call, or as fast as possible"),
     json_lines: bool = typer.Option(False, "--json", help="one JSON line per final transcript on stdout"),
     vad_mode: int = typer.Option(2, min=0, max=3, help="WebRTC VAD aggressiveness"),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads of the model (default: CPUs - 1, at least 1)"),
 ):
     """Stream WAV files as calls through NemotronSTTService (all files at once, batched)."""
     logging.basicConfig(level=logging.WARNING)
     _quiet_pipecat()
-    from .engine import Engine, NemotronEngineError
-    from .languages import language_to_locale, locale_to_language
-    from .stt import NemotronSTTService
+    from ..engine import Engine, NemotronEngineError
+    from ..languages import language_to_locale, locale_to_language
+    from ..stt import NemotronSTTService
     from .transcribe import transcribe_call
-    from .wav import WavError, read_wav
+    from ..wav import WavError, read_wav
 
     try:
         wavs = {str(path): read_wav(path) for path in files}
@@ -48,7 +49,8 @@ def transcribe(
         raise typer.Exit(2)
     with console.status(f"loading {model} ({chunk_ms} ms chunks)…"):
         try:
-            engine = Engine.shared(model=model, chunk_ms=chunk_ms, device=device, max_streams=max(4, len(files)))
+            engine = Engine.shared(model=model, chunk_ms=chunk_ms, device=device, max_streams=max(4, len(files)),
+                                   **({"threads": threads} if threads else {}))
             engine.wait_ready()
             if locale != "auto" and locale not in engine.languages:
                 raise NemotronEngineError(f"{model} has no prompt for {locale}; it knows {sorted(engine.languages)}")
@@ -120,7 +122,7 @@ def serve_webrtc(
 def serve_sip(ctx: typer.Context):
     """Answer SIP calls directly (UDP/TCP) and write one JSON line per final transcript.
 
-    Options: --host --port --advertise --model --chunk-ms --language --device --max-calls --allow
+    Options: --host --port --advertise --model --chunk-ms --language --device --threads --max-calls --allow
     --max-call-secs --greeting --output (see `pipecat-nemotron serve-sip --help-sip`).
     """
     from .phone import main as phone_main
@@ -132,7 +134,7 @@ def serve_sip(ctx: typer.Context):
 @app.command()
 def languages():
     """List the model's 40 locales with their support tier and Pipecat Language."""
-    from .languages import LOCALE_TIERS, locale_to_language
+    from ..languages import LOCALE_TIERS, locale_to_language
 
     table = Table("locale", "tier", "Pipecat Language")
     for locale, tier in LOCALE_TIERS.items():

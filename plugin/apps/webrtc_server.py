@@ -43,9 +43,9 @@ from pipecat.frames.frames import (CancelFrame, EndFrame, ErrorFrame, Frame, Int
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transcriptions.language import Language
 
-from .engine import DEFAULT_MODEL, Engine
+from ..engine import DEFAULT_MODEL, Engine
 
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = Path(__file__).parent.parent / "static"
 MESSAGE_LABEL = "pipecat-nemotron"
 PIPELINE_RATE = 16000
 RETRY_AFTER_S = 5  # a 503 for an offer beyond capacity says when to try again
@@ -200,7 +200,7 @@ class WebRTCServer:
                                         max_streams=self.max_sessions)
         await self.engine.ready()
         if self.language is not None:
-            from .languages import language_to_locale
+            from ..languages import language_to_locale
             locale = language_to_locale(self.language)
             if locale not in self.engine.languages:
                 raise ValueError(f"{self.engine.model_name} has no prompt for {locale}; "
@@ -301,8 +301,8 @@ class WebRTCServer:
         from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 
         from .client_session import run_until_client_leaves
-        from .stt import NemotronSTTService
-        from .vad import WebRTCVADAnalyzer
+        from ..stt import NemotronSTTService
+        from ..vad import WebRTCVADAnalyzer
 
         record = SessionRecord(pc_id=connection.pc_id)
         self.sessions.append(record)
@@ -353,7 +353,7 @@ class WebRTCServer:
         from pipecat.turns.user_stop import SpeechTimeoutUserTurnStopStrategy
         from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
-        from .turns import EmptyTranscriptUserTurnStopStrategy
+        from ..turns import EmptyTranscriptUserTurnStopStrategy
 
         llm = OpenAILLMService(api_key=self.llm.api_key, base_url=self.llm.base_url,
                                settings=OpenAILLMService.Settings(model=self.llm.model))
@@ -424,7 +424,7 @@ async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str 
 def run_webrtc_server(*, host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT_MODEL, chunk_ms: int = 160,
                       language: Language | str | None = None, device: str = "auto", llm: bool | None = None) -> None:
     """Blocking wrapper of `serve_webrtc` (for the CLI and scripts); exits with status 2 on a setup error."""
-    from .engine import NemotronEngineError
+    from ..engine import NemotronEngineError
 
     try:
         asyncio.run(serve_webrtc(host=host, port=port, model=model, chunk_ms=chunk_ms, language=language,
@@ -441,7 +441,7 @@ def _language(language: Language | str | None) -> Language | None:
         return language
     if language.strip().lower() in ("", "auto"):
         return None
-    from .languages import locale_to_language
+    from ..languages import locale_to_language
     resolved = locale_to_language(language)
     if resolved is None:
         raise ValueError(f"unknown language {language!r}: use a locale such as en-US, or 'auto'")
