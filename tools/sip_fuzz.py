@@ -1512,8 +1512,11 @@ class _Queue(asyncio.DatagramProtocol):
         self.inbox.put_nowait((data, addr))
 
 
-async def normal_call(server: tuple[str, int], wav_path: Path = DEFAULT_WAV, *, attempts: int = 10) -> dict:
-    """A scripted UAC over UDP: INVITE (PCMU), ACK, the WAV as RTP in real time, BYE. Returns what happened."""
+async def normal_call(server: tuple[str, int], wav_path: Path = DEFAULT_WAV, *, attempts: int = 40,
+                      patience: float = 90.0) -> dict:
+    """A scripted UAC over UDP: INVITE (PCMU), ACK, the WAV as RTP in real time, BYE. Returns what happened.
+    A 503 (call slots still held, or the engine still behind after the fuzz load) is retried for ``patience`` s,
+    honouring Retry-After up to 5 s."""
     from aiortc.rtp import RtpPacket
 
     from pipecat_nemotron.transports.g711 import encode
@@ -1549,7 +1552,11 @@ async def normal_call(server: tuple[str, int], wav_path: Path = DEFAULT_WAV, *, 
     to = f"<sip:bot@{server[0]}:{server[1]}>"
     try:
         ok = None
+        give_up = loop.time() + patience
+        result["rejections"] = 0
         for attempt in range(attempts):  # call slots may still be held by the fuzz run's calls: 503, retry
+            if loop.time() > give_up:
+                break
             branch = f"z9hG4bKnormal{attempt}{time.monotonic_ns()}"
             sip_t.sendto(request("INVITE", attempt + 1, branch, to, sdp), server)
             try:
@@ -1562,7 +1569,10 @@ async def normal_call(server: tuple[str, int], wav_path: Path = DEFAULT_WAV, *, 
                 ok, cseq = response, attempt + 1
                 break
             sip_t.sendto(request("ACK", attempt + 1, branch, to), server)
-            await asyncio.sleep(1.0)
+            result["rejections"] += 1
+            retry_after = response.get("Retry-After") or "1"
+            await asyncio.sleep(min(5.0, max(1.0, float(retry_after.split(";")[0]) if retry_after.strip().isdigit()
+                                             else 1.0)))
         if ok is None:
             return result
         result["answered"] = True
@@ -2688,7 +2698,8 @@ def parse_args(argv=None):
                         help="seconds within which slow TCP connections must be closed by the server (0: skip; "
                         f"default {FUZZ_LIMITS['tcp_message_secs'] + FUZZ_LIMITS['tcp_message_secs'] / 2 + 1:g} for a "
                         "server this script starts, 15 for --target)")
-    parser.add_argument("--settle", type=float, default=20.0, help="max seconds to wait for calls to end")
+    parser.add_argument("--settle", type=float, default=60.0,
+                        help="max seconds to wait for calls to end (a lagging engine drains first)")
     parser.add_argument("--wav", default=str(DEFAULT_WAV), help="the normal call's audio")
     parser.add_argument("--no-call", action="store_true", help="skip the normal call at the end")
     parser.add_argument("--findings", default="/tmp/sip_fuzz_findings.md", help="append new crash classes here "
