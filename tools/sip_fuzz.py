@@ -3,33 +3,42 @@
     .venv/bin/python -m tools.sip_fuzz --inputs 200000 --seed 1                 # spawn serve-sip --model demo
     .venv/bin/python -m tools.sip_fuzz --inputs 5000 --seed 1 --in-process      # SIPUserAgentServer in this process
     .venv/bin/python -m tools.sip_fuzz --inputs 20000 --target 127.0.0.1:5060   # a server someone else started
+    .venv/bin/python -m tools.sip_fuzz --inputs 0 --recheck                     # replay the findings file's inputs
+    .venv/bin/python -m tools.sip_fuzz --dump 20 --seed 1                       # print the first generated inputs
 
 Every input starts as a well-formed request built from a small grammar (INVITE with an SDP offer, OPTIONS, BYE,
-CANCEL, ACK, REGISTER, INFO, UPDATE, and in-dialog requests — re-INVITE, BYE, ACK, CANCEL — for dialogs the fuzzer
-learnt from the server's own 100/200 responses), then 0-3 mutators are stacked on it: structural ones on the parsed
-form (missing/duplicated mandatory headers, 64 KB headers, Unicode digits, absurd numbers, wrong Content-Length,
-NUL bytes, header-specific junk, start-line junk, SDP junk, compact forms/folding/line endings) and byte-level ones
-on the wire form (bit flips, truncation at every structural boundary, garbage, splicing). It goes out over UDP
-(a pool of source ports) or TCP (persistent, fresh, chunked, pipelined, half-sent and CRLF-flooded connections).
-Everything is drawn from one ``random.Random(seed)``: the same seed gives the same inputs.
+CANCEL, ACK, REGISTER, INFO, UPDATE, and in-dialog requests — re-INVITE, BYE, ACK, CANCEL, INFO, UPDATE — for
+dialogs learnt from the server's own 100/200 responses), then 0-3 mutators are stacked on it: structural ones on the
+parsed form (missing/duplicated mandatory headers, 64 KB headers and thousands of header lines, Unicode digits,
+absurd numbers, wrong Content-Length, NUL bytes, header-specific junk, start-line junk, SDP junk, compact
+forms/folding/line endings) and byte-level ones on the wire form (bit flips, truncation at every structural
+boundary, garbage, splicing). Some inputs are earlier ones sent again (retransmissions, a branch reused with another
+Call-ID/method/CSeq) or not requests at all. They go out over UDP (16 source ports) or TCP (persistent, fresh,
+chunked, pipelined, half-sent and CRLF-flooded connections). Answered calls also get RTP junk at their media port
+(from the SDP address and from a third one), an SDP answer (sometimes broken) in the ACK when the INVITE had no
+offer, and broken responses to the server's own BYEs. The generated stream is a function of the seed; only the
+Call-ID/tags of in-dialog requests come from what the server answered.
 
 The oracle, after the run (and settling until the server's short timers have passed):
-  * the server is alive and answers a plain OPTIONS;
-  * zero tracebacks in its log (loguru ``logger.exception``, asyncio "Task exception was never retrieved",
-    "Exception in callback", anything with "Traceback");
-  * RSS and the open-fd count back within bounds of the values sampled after warm-up;
-  * active calls (and remembered calls, TCP streams) back to 0;
-  * every request whose Via/CSeq/From/To are readable got a response (UDP), every INVITE that got 100 got a final;
+  * the server is alive and answers a plain OPTIONS (also probed every 1,000 inputs);
+  * zero tracebacks and ERROR records in its log (loguru ``logger.exception``, asyncio "Task exception was never
+    retrieved", "Exception in callback", anything with "Traceback"); no event-loop stall over 0.75 s (in-process);
+  * RSS and the open-fd count back within bounds (RSS sampled after warm-up, fds before the first input);
+  * active calls, remembered calls, TCP streams and server transactions back to 0;
+  * every request whose Via/CSeq/From/To are readable got a response (UDP, and TCP when a shadow of the server's
+    stream framing says it arrived as one message), every INVITE that got 100 got a final response;
+  * slow TCP connections (a head cut short, a short body, a CRLF flood, a byte a second) are closed by the server;
   * a normal call (a scripted UAC: INVITE/ACK, G.711 RTP of a held-out WAV in real time, BYE) is answered and
     transcribed.
 
 The fuzzer and the server run in a private network namespace with only loopback up when the kernel allows it
-(``unshare(CLONE_NEWNET)``, as tests/test_sip_peers.py does), so neither RTP reflected to a fuzzed ``c=`` address
-nor a DNS lookup for a fuzzed host name can leave the machine. Where namespaces are not permitted, ``c=``/Route/
+(``unshare(CLONE_NEWNET)``, as tests/test_sip_peers.py does), so neither RTP sent to a fuzzed ``c=`` address nor a
+DNS lookup for a fuzzed host name can leave the machine. Where namespaces are not permitted, ``c=``/Route/
 Record-Route lines are forced to loopback literals after mutation (less coverage, same safety).
 
-Findings (one per crash class: traceback signature, no response, stuck INVITE, stall, unparsable response) are
-appended to ``--findings`` (default /tmp/sip_fuzz_findings.md) with a reproducing input as a Python bytes literal.
+Findings (one per crash class: traceback signature, no response, INVITE without final, stuck call, stall, slow TCP
+connection kept open) are appended to ``--findings`` (default /tmp/sip_fuzz_findings.md) with a reproducing input
+as a Python bytes literal (found by replaying the inputs before it on a fresh in-process server).
 """
 
 from __future__ import annotations
