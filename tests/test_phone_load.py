@@ -39,6 +39,7 @@ class Server:
         self.port = free_udp_port()
         self.args = phone.parse_args(["--model", "demo", "--device", "cpu", "--host", "127.0.0.1",
                                       "--port", str(self.port), *extra])
+        self.default_max_calls = self.args.max_calls is None
         self.out = io.StringIO()
         self._phone = phone
 
@@ -83,36 +84,40 @@ async def wait_for_lines(server: Server, call_ids: list[str], timeout: float = 6
         await asyncio.sleep(0.2)
 
 
-async def test_twenty_callers_at_once_are_served_or_refused_never_answered_and_dropped():
+async def test_twenty_callers_at_once_and_more_than_capacity_are_served_or_refused_never_dropped():
+    """Twenty callers at once at the default --max-calls (and, when that default is 20 or more, four more than
+    it, so the refusal path is taken too)."""
     from pipecat_nemotron.apps import phone
 
-    max_calls = phone.parse_args([]).max_calls
-    files = sorted(HELDOUT.glob("*.wav"))[:20]
+    max_calls, _ = phone.default_max_calls("demo", "cpu")
+    files = sorted(HELDOUT.glob("*.wav"))[:8]  # distinct utterances; callers reuse them
     audios = [call_audio(path) for path in files]
+    callers = max(20, max_calls + 4)
     async with Server() as server:
-        # the same audio on the idle server, one call at a time, for the calls that will be answered
+        assert server.default_max_calls and server.args.max_calls == max_calls  # the default is what is tested
+        # each utterance on the idle server, one call at a time: what every loaded call must also give
         idle = {}
-        for index in range(max_calls):
-            result = await place_call(server.address, audios[index])
+        for index, audio in enumerate(audios):
+            result = await place_call(server.address, audio)
             assert result.answered, result
             await wait_for_lines(server, [result.call_id])
             idle[index] = server.transcripts().get(result.call_id, [])
-        # twenty at once; callers keep their place so the first max_calls are the ones answered
+        # all at once; callers keep their place so the first max_calls are the ones answered
         results = []
-        for audio in audios:
-            results.append(asyncio.ensure_future(place_call(server.address, audio)))
+        for caller in range(callers):
+            results.append(asyncio.ensure_future(place_call(server.address, audios[caller % len(audios)])))
             await asyncio.sleep(0.02)
         results = await asyncio.gather(*results)
         answered = [i for i, r in enumerate(results) if r.answered]
         await wait_for_lines(server, [results[i].call_id for i in answered])
         loaded = server.transcripts()
     refused = [r for r in results if not r.answered]
-    assert len(answered) == max_calls, [r.status for r in results]
+    assert len(answered) == min(callers, max_calls), [r.status for r in results]
     assert all(r.status == 503 and r.retry_after and int(r.retry_after) > 0 for r in refused), refused
     assert not any(r.dropped_by_server for r in results), "a call was answered and then dropped"
     assert all(results[i].bye_status == 200 for i in answered)
     for index in answered:
-        assert loaded.get(results[index].call_id, []) == idle[index], files[index].name
+        assert loaded.get(results[index].call_id, []) == idle[index % len(audios)], files[index % len(audios)].name
 
 
 def _usage() -> tuple[int, int, int]:

@@ -38,6 +38,28 @@ from ..transports.sip import SIPCall, SIPCallTransport, SIPConfig, SIPServer
 
 OUTPUT_CHUNK_SAMPLES = 320  # pipecat's output sends whole 40 ms chunks at 8 kHz: pad the greeting to that
 
+# --max-calls when not given. The demo model's figure is measured by benchmarks/sip_capacity.py: concurrent real
+# SIP calls (PCMU in real time, held-out speech) on a 2-core CPU at 160 ms chunks, 3 runs each
+# (benchmarks/results/sip_capacity_demo.md): 24 calls kept the worst audio lag at 0.08-0.11 s (final p95 84 ms);
+# 32 passed on the median (0.21 s) but one run lagged 0.61 s and final p95 was 0.53 s; 48 lagged 1.7-2.6 s. So 24.
+# Larger chunks cost less per audio-second, so it is a floor for them. The 0.6B model steps 0.17 audio-s/s on that CPU (batch 1): not even one call keeps
+# up, so on a CPU it gets one call. On a GPU it is not measured (none was lent): the engine's default slot count,
+# with the engine's lag-based admission (503 while it lags > 2 s) as the guard. Pass --max-calls to override.
+DEMO_CPU_MAX_CALLS = 24
+UNMEASURED_GPU_MAX_CALLS = 64
+
+
+def default_max_calls(model: str, device: str) -> tuple[int, str]:
+    """(calls, where the figure comes from) for serve-sip's --max-calls default."""
+    from ..engine.loader import resolve_device
+
+    on_gpu = resolve_device(device).startswith("cuda")
+    if model == "demo":
+        return DEMO_CPU_MAX_CALLS, "measured for the demo model on a 2-core CPU (benchmarks/sip_capacity.py)"
+    if on_gpu:
+        return UNMEASURED_GPU_MAX_CALLS, "not measured on a GPU yet; run benchmarks/sip_capacity.py and pass --max-calls"
+    return 1, "the 0.6B model does not keep up with even one call on a small CPU; use a GPU"
+
 
 class TranscriptWriter(FrameProcessor):
     """Writes one JSON line per final ``TranscriptionFrame`` of a call, then passes every frame on."""
@@ -132,6 +154,9 @@ async def serve(args: argparse.Namespace, *, stt_factory=None, out: IO[str] | No
                 ready: asyncio.Event | None = None) -> None:
     """Load the model, then answer calls until cancelled."""
     out = out or (sys.stdout if args.output == "-" else open(args.output, "a", encoding="utf-8"))
+    if args.max_calls is None:
+        args.max_calls, source = default_max_calls(args.model, args.device)
+        logger.info(f"--max-calls {args.max_calls}: {source}")
     admission = None
     if stt_factory is None:
         from ..stt import NemotronSTTService
@@ -175,7 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of the model (default: one less than the CPUs, at least 1)")
-    parser.add_argument("--max-calls", type=int, default=8, help="concurrent calls (503 beyond)")
+    parser.add_argument("--max-calls", type=int, default=None,
+                        help="concurrent calls, 503 + Retry-After beyond (default: the measured capacity for the "
+                             f"model: {DEMO_CPU_MAX_CALLS} for the demo model on a 2-core CPU)")
     parser.add_argument("--allow", action="append", default=[], help="peer address or network (repeat); "
                         "default: everyone")
     parser.add_argument("--max-call-secs", type=float, default=3600, help="hang up after this long (0: never)")
