@@ -7,7 +7,7 @@ import pytest
 
 from pipecat_nemotron.transports.sip import CallAdmission, Reservation
 from sip_support import calls_recorder, serving, until
-from test_sip_uas import Dialog, Peer, offer
+from test_sip_uas import Dialog, Peer, offer, peer, rtp_peer  # noqa: F401 (fixtures)
 
 
 class FakeReservation:
@@ -37,20 +37,6 @@ class FakeAdmission:
     @property
     def has_capacity(self):
         return self.held < self.size
-
-
-@pytest.fixture
-async def peer():
-    p = await Peer.open()
-    yield p
-    p.close()
-
-
-@pytest.fixture
-async def rtp_peer():
-    p = await Peer.open()
-    yield p
-    p.close()
 
 
 def test_fakes_satisfy_the_protocols():

@@ -9,7 +9,7 @@ import pytest
 from loguru import logger
 
 from sip_support import HOST, calls_recorder, serving, until
-from test_sip_uas import Dialog, Peer, media_port, offer, rtp
+from test_sip_uas import Dialog, Peer, media_port, offer, peer, rtp, rtp_peer  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
@@ -20,20 +20,6 @@ def no_errors():
     yield errors
     logger.remove(sink)
     assert errors == []
-
-
-@pytest.fixture
-async def peer():
-    p = await Peer.open()
-    yield p
-    p.close()
-
-
-@pytest.fixture
-async def rtp_peer():
-    p = await Peer.open()
-    yield p
-    p.close()
 
 
 async def raw_status(peer, call_id, timeout=2.0):
