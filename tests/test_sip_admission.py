@@ -7,7 +7,7 @@ import pytest
 
 from pipecat_nemotron.transports.sip import CallAdmission, Reservation
 from sip_support import calls_recorder, serving, until
-from test_sip_uas import Dialog, Peer, offer, peer, rtp_peer  # noqa: F401 (fixtures)
+from test_sip_uas import Dialog, offer, peer, rtp_peer  # noqa: F401 (fixtures)
 
 
 class FakeReservation:
