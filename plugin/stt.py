@@ -116,7 +116,6 @@ class NemotronSTTService(STTService):
         self._stream = None
         self._reader: asyncio.Task | None = None
         self._failures = 0  # stream failures since the last Final
-        self._gave_up = False
         self._reopen_pending = False
         self._dropped_s = 0.0  # audio received while no stream was open
         self._backlog_reported = False
@@ -155,7 +154,6 @@ class NemotronSTTService(STTService):
         try:
             await self._open_stream()
         except (NemotronEngineError, ValueError) as error:
-            self._gave_up = True
             await self.push_error(error_msg=f"Nemotron STT could not start: {error}", exception=error,
                                   force_treat_as_permanent=True)
 
@@ -296,20 +294,14 @@ class NemotronSTTService(STTService):
         """One error for a failed stream; a fresh stream is opened at the next utterance, a few times."""
         if stream is not self._stream:
             return  # already handled (the reader and a feed both saw it)
-        self._failures += 1
         lost = self._finals_pending
         self._finals_pending = 0
         self._no_final_pending.set()
         await self._close_stream()
-        if self._failures > MAX_STREAM_RESTARTS:
-            self._gave_up = True
-            await self.push_error(error_msg=f"Nemotron STT failed {self._failures} times in a row, giving up: {error}",
-                                  exception=error, force_treat_as_permanent=True)
-            return
-        self._reopen_pending = True
-        await self.push_error(error_msg=f"Nemotron STT stream failed ({error}); {lost} utterance(s) lost, "
-                                        "transcribing again from the next utterance", exception=error,
-                              category=ErrorCategory.SERVER)
+        if await self._failed_again(error, f"failed {self._failures + 1} times in a row"):
+            await self.push_error(error_msg=f"Nemotron STT stream failed ({error}); {lost} utterance(s) lost, "
+                                            "transcribing again from the next utterance", exception=error,
+                                  category=ErrorCategory.SERVER)
 
     async def _reopen(self):
         self._reopen_pending = False
@@ -320,13 +312,18 @@ class NemotronSTTService(STTService):
         try:
             await self._open_stream()
         except NemotronEngineError as error:
-            self._failures += 1
-            if self._failures > MAX_STREAM_RESTARTS:
-                self._gave_up = True
-                await self.push_error(error_msg=f"Nemotron STT could not reopen its stream, giving up: {error}",
-                                      exception=error, force_treat_as_permanent=True)
-            else:
-                self._reopen_pending = True
+            await self._failed_again(error, "could not reopen its stream")
+
+    async def _failed_again(self, error: NemotronEngineError, what: str) -> bool:
+        """Count a failure: True while another stream may be tried (at the next utterance), else one
+        permanent error."""
+        self._failures += 1
+        if self._failures > MAX_STREAM_RESTARTS:
+            await self.push_error(error_msg=f"Nemotron STT {what}, giving up: {error}", exception=error,
+                                  force_treat_as_permanent=True)
+            return False
+        self._reopen_pending = True
+        return True
 
     async def _update_settings(self, delta: NemotronSTTSettings) -> dict:
         if is_given(delta.model) and delta.model != self._settings.model:
