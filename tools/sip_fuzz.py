@@ -1250,6 +1250,12 @@ class Fuzzer:
             data = re.sub(rb"(?im)^(cseq[ \t]*:[ \t]*)\d+", lambda m: m.group(1) + str(rng.randrange(1, 2**31)).encode(),
                           data, count=1)
         method = data.split(b" ", 1)[0].decode("utf-8", errors="replace")[:20]
+        branch = re.search(rb"branch=([^;\r\n, ]+)", data)
+        if branch:  # the server may now answer the first copy where this one comes from: nothing owed to it
+            key = branch.group(1).decode("utf-8", errors="replace")
+            self.final_due.pop(key, None)
+            for owed in [k for k in self.due if k[0] == key]:
+                del self.due[owed]
         return data, [f"again:{kind}"], method, ""
 
     def build(self, local_port: int, transport: str) -> tuple[bytes, list[str], str, str]:
