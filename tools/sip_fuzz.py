@@ -567,7 +567,8 @@ class Mutator:
             if not t.find("Content-Type"):
                 t.headers.insert(len(t.headers) - 1, ["Content-Type", "application/sdp"])
         lines = t.sdp
-        m_index = next((i for i, line in enumerate(lines) if line.startswith("m=audio")), None)
+        m_index = next((i for i, line in enumerate(lines) if line.startswith("m=audio") and len(line.split(" ")) >= 4),
+                       None)  # a whole m-line (junk lines may start with "m=audio" too)
         kinds = ["m-port", "c", "rtpmap", "formats", "ptime", "direction", "v", "many-m", "c-dup", "c-missing",
                  "line-junk", "drop-line", "dup-line", "proto", "bandwidth", "long-line", "binary", "shuffle",
                  "rtpmap-clock", "fmtp", "c-media"]
