@@ -107,9 +107,11 @@ async def test_symmetric_rtp_latching_and_continuous_sending():
         await loop.sock_sendto(other, packet(2, ssrc=9).serialize(), ("127.0.0.1", port))  # injected: ignored
         await loop.sock_sendto(peer, packet(3, pt=96).serialize(), ("127.0.0.1", port))  # not negotiated
         await loop.sock_sendto(peer, b"\x80\xc8junk", ("127.0.0.1", port))  # RTCP-ish / junk
+        huge = RtpPacket(payload_type=0, sequence_number=4, timestamp=480, ssrc=0x1234, payload=b"\xff" * 60000)
+        await loop.sock_sendto(peer, huge.serialize(), ("127.0.0.1", port))  # 7.5 s of "audio" in one packet
         await asyncio.sleep(0.1)
         assert session.latched == peer.getsockname()
-        assert session.stats.packets_in == 1 and session.stats.ignored == 3
+        assert session.stats.packets_in == 1 and session.stats.ignored == 4
         kind, pcm = session.events.get_nowait()
         assert kind == "audio" and len(pcm) == 320 and session.events.empty()
     finally:

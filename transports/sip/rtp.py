@@ -32,6 +32,9 @@ MAX_CONCEALED_PACKETS = 5
 DTMF_EVENTS = "0123456789*#ABCD"
 RTCP_PAYLOAD_TYPES = range(72, 77)  # RTCP packet types 200-204 with the marker bit masked off
 CN_PAYLOAD_TYPE = 13
+# Largest RTP datagram taken in: G.711 at the longest common ptime (120 ms = 960 bytes) plus header, CSRCs and an
+# extension fits well below; a 60 KB packet would be 7.5 s of "audio" injected at once.
+MAX_RTP_DATAGRAM = 1500
 
 
 def _even_ports(ports: tuple[int, int], tries: int = 64) -> list[int]:
@@ -368,7 +371,7 @@ class RtpSession(asyncio.DatagramProtocol):
         return _ip(addr[0]) in self._expected and self._source_allowed(addr[0])
 
     def _receive(self, data: bytes, addr: tuple[str, int]) -> None:
-        if len(data) < 12 or data[0] >> 6 != 2 or (data[1] & 0x7F) in RTCP_PAYLOAD_TYPES:
+        if not 12 <= len(data) <= MAX_RTP_DATAGRAM or data[0] >> 6 != 2 or (data[1] & 0x7F) in RTCP_PAYLOAD_TYPES:
             self.stats.ignored += 1
             return
         if not self._acceptable(data[1] & 0x7F, addr):  # the source is checked before any parsing
