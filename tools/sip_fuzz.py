@@ -2315,6 +2315,19 @@ async def slow_connections_check(address: tuple[str, int], seconds: float) -> li
     return still_open
 
 
+async def send_input(udp, address: tuple[str, int], transport: str, data: bytes) -> None:
+    """Send one input as a replay does: a UDP datagram, or a fresh TCP connection closed 0.5 s later."""
+    if transport == "UDP" and len(data) <= MAX_UDP:
+        udp.sendto(data, address)
+        return
+    try:
+        _, writer = await asyncio.open_connection(*address)
+        writer.write(data)
+        asyncio.get_running_loop().call_later(0.5, writer.close)
+    except OSError:
+        pass
+
+
 async def replay_window(inputs: list, signature: str, wait: float = 0.05) -> int | None:
     """Replay inputs in order on one fresh in-process server; the position of the one after which an error with
     ``signature`` appeared, or None."""
@@ -2324,15 +2337,7 @@ async def replay_window(inputs: list, signature: str, wait: float = 0.05) -> int
     udp, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(HOST, 0))
     try:
         for position, (_, transport, data, _) in enumerate(inputs):
-            if transport == "UDP" and len(data) <= MAX_UDP:
-                udp.sendto(data, address)
-            else:
-                try:
-                    _, writer = await asyncio.open_connection(*address)
-                    writer.write(data)
-                    loop.call_later(0.5, writer.close)
-                except OSError:
-                    pass
+            await send_input(udp, address, transport, data)
             await asyncio.sleep(wait)
             if any(traceback_signature(text) == signature for _, text, *_ in target.errors):
                 return position
@@ -2691,15 +2696,7 @@ async def recheck(path: Path, label: str, seen: dict | None = None, run_desc: st
                 try:
                     loop = asyncio.get_running_loop()
                     t, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=(HOST, 0))
-                    if transport == "UDP":
-                        t.sendto(data, address)
-                    else:
-                        try:
-                            _, writer = await asyncio.open_connection(*address)
-                            writer.write(data)
-                            loop.call_later(0.5, writer.close)
-                        except OSError:
-                            pass
+                    await send_input(t, address, transport, data)
                     await asyncio.sleep(0.5)
                     t.close()
                 finally:
