@@ -91,7 +91,8 @@ async def main(argv=None) -> None:
         table.add_row(str(threads), f"{idle:.1f}", f"{busy:.1f}")
     console.print(table)
     info = machine()
-    markdown = [f"# Engine CPU threads: {args.model}, {args.streams} streams of {args.seconds:.0f} s, 160 ms chunks", "",
+    markdown = [f"# Engine CPU threads: {args.model}, {args.streams} streams of {args.seconds:.0f} s, 160 ms chunks",
+                "",
                 f"{info['cpu']}, {info['cores']} cores, {info['date']}. Audio-seconds transcribed per second "
                 f"(median of {args.runs} alternating runs), idle and beside one busy-looping process.", "",
                 "| threads | idle | beside a busy process |", "|---|---|---|"]

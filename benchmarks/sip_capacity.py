@@ -104,7 +104,8 @@ async def main(argv=None) -> None:
                 f"{info['date']}. Real SIP calls over loopback (PCMU RTP in real time), N callers at once, "
                 f"{args.runs} runs per N. A node holds N when the median worst audio lag is ≤ {LAG_LIMIT_S} s and "
                 "no call is refused or dropped.", "",
-                "| calls | worst lag, median | worst lags per run | final latency p50 / p95 | refused | dropped | holds |",
+                "| calls | worst lag, median | worst lags per run | final latency p50 / p95 | refused | dropped "
+                "| holds |",
                 "|---|---|---|---|---|---|---|"]
     for row in rows:
         markdown.append(f"| {row['calls']} | {row['median_worst_lag_s']:.2f} s | "

@@ -42,8 +42,8 @@ OUTPUT_CHUNK_SAMPLES = 320  # pipecat's output sends whole 40 ms chunks at 8 kHz
 # SIP calls (PCMU in real time, held-out speech) on a 2-core CPU at 160 ms chunks, 3 runs each
 # (benchmarks/results/sip_capacity_demo.md): 24 calls kept the worst audio lag at 0.08-0.11 s (final p95 84 ms);
 # 32 passed on the median (0.21 s) but one run lagged 0.61 s and final p95 was 0.53 s; 48 lagged 1.7-2.6 s. So 24.
-# Larger chunks cost less per audio-second, so it is a floor for them. The 0.6B model steps 0.17 audio-s/s on that CPU (batch 1): not even one call keeps
-# up, so on a CPU it gets one call. On a GPU it is not measured (none was lent): the engine's default slot count,
+# Larger chunks cost less per audio-second, so it is a floor for them. The 0.6B model steps 0.17 audio-s/s on
+# that CPU (batch 1): not even one call keeps up, so on a CPU it gets one call. On a GPU it is not measured (none was lent): the engine's default slot count,
 # with the engine's lag-based admission (503 while it lags > 2 s) as the guard. Pass --max-calls to override.
 DEMO_CPU_MAX_CALLS = 24
 UNMEASURED_GPU_MAX_CALLS = 64
@@ -57,7 +57,8 @@ def default_max_calls(model: str, device: str) -> tuple[int, str]:
     if model == "demo":
         return DEMO_CPU_MAX_CALLS, "measured for the demo model on a 2-core CPU (benchmarks/sip_capacity.py)"
     if on_gpu:
-        return UNMEASURED_GPU_MAX_CALLS, "not measured on a GPU yet; run benchmarks/sip_capacity.py and pass --max-calls"
+        return (UNMEASURED_GPU_MAX_CALLS,
+                "not measured on a GPU yet; run benchmarks/sip_capacity.py and pass --max-calls")
     return 1, "the 0.6B model does not keep up with even one call on a small CPU; use a GPU"
 
 
