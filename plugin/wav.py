@@ -1,26 +1,34 @@
-"""Reading WAV files as telephony and WebRTC deliver them: PCM 8-32 bit, float, G.711 μ-law / A-law."""
+"""Reading audio files as telephony and WebRTC deliver them, through libsndfile (`soundfile`).
+
+WAV with PCM 8/16/24/32-bit, 32/64-bit float, G.711 μ-law / A-law (and the ADPCM/GSM variants libsndfile decodes),
+plus FLAC, OGG (Vorbis, Opus) and the other containers the installed libsndfile reads. Everything comes back as
+mono int16 at the file's own rate (channels averaged); resampling is the pipeline's job.
+"""
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile
 
-from .transports import g711
-
-FORMAT_PCM, FORMAT_FLOAT, FORMAT_ALAW, FORMAT_MULAW, FORMAT_EXTENSIBLE = 1, 3, 6, 7, 0xFFFE
-FORMAT_NAMES = {FORMAT_PCM: "PCM", FORMAT_FLOAT: "float", FORMAT_ALAW: "A-law", FORMAT_MULAW: "μ-law"}
+ACCEPTED = ("WAV (PCM 8/16/24/32-bit, float 32/64-bit, μ-law, A-law), FLAC, OGG Vorbis/Opus, "
+            "and the other formats libsndfile reads (AIFF, AU, CAF, W64, RF64, ...)")
+_WRITE_SUBTYPES = {"pcm": "PCM_16", "mulaw": "ULAW", "alaw": "ALAW"}
+_SUBTYPE_NAMES = {"PCM_S8": "PCM 8-bit", "PCM_U8": "PCM 8-bit", "PCM_16": "PCM 16-bit", "PCM_24": "PCM 24-bit",
+                  "PCM_32": "PCM 32-bit", "FLOAT": "float 32-bit", "DOUBLE": "float 64-bit", "ULAW": "μ-law",
+                  "ALAW": "A-law"}
+MIN_SAMPLE_RATE = 1000
 
 
 class WavError(ValueError):
-    """The file is not a WAV this reader understands; the message says why."""
+    """The file is not audio this reader understands; the message says why and which formats it accepts."""
 
 
 @dataclass(frozen=True)
 class Wav:
-    """Mono int16 samples of a WAV file and what they were encoded as."""
+    """Mono int16 samples of an audio file and what they were encoded as."""
 
     samples: np.ndarray
     sample_rate: int
@@ -33,64 +41,37 @@ class Wav:
 
 
 def read_wav(path: str | Path) -> Wav:
-    """Decode a WAV file to mono int16 (channels averaged)."""
-    data = Path(path).read_bytes()
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise WavError(f"{path}: not a RIFF/WAVE file")
-    fmt, payload = None, None
-    offset = 12
-    while offset + 8 <= len(data):
-        chunk_id, size = data[offset:offset + 4], struct.unpack("<I", data[offset + 4:offset + 8])[0]
-        body = data[offset + 8:offset + 8 + size]
-        if chunk_id == b"fmt ":
-            fmt = body
-        elif chunk_id == b"data":
-            payload = body
-        offset += 8 + size + (size & 1)
-    if fmt is None or len(fmt) < 16:
-        raise WavError(f"{path}: no valid 'fmt ' chunk")
-    if payload is None:
-        raise WavError(f"{path}: no 'data' chunk")
-    tag, channels, rate, _, block_align, bits = struct.unpack("<HHIIHH", fmt[:16])
-    if tag == FORMAT_EXTENSIBLE and len(fmt) >= 26:
-        tag = struct.unpack("<H", fmt[24:26])[0]
-    if channels < 1 or rate < 1000 or block_align < 1:
-        raise WavError(f"{path}: implausible header ({channels} channels, {rate} Hz)")
-    payload = payload[:len(payload) - len(payload) % block_align]
-    samples = _decode(tag, bits, payload, path)
-    if channels > 1:
-        samples = samples[:len(samples) - len(samples) % channels].reshape(-1, channels).astype(np.int32)
-        samples = samples.mean(axis=1).astype(np.int16)
-    return Wav(samples, rate, f"{FORMAT_NAMES.get(tag, tag)} {bits}-bit" if tag in (1, 3) else FORMAT_NAMES[tag],
-               channels)
+    """Decode an audio file (WAV of any common encoding, FLAC, OGG, ...) to mono int16, channels averaged.
+
+    Raises `WavError` for anything libsndfile cannot decode (naming the accepted formats), `FileNotFoundError`
+    for a missing file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with soundfile.SoundFile(str(path)) as f:
+            info = (f.format, f.subtype, f.samplerate, f.channels)
+            audio = f.read(dtype="float32", always_2d=True)
+    except (soundfile.SoundFileError, RuntimeError, TypeError) as error:
+        reason = str(error).split(": ", 1)[-1] if str(error).startswith("Error opening") else str(error)
+        raise WavError(f"{path}: cannot decode as audio ({reason}); accepted: {ACCEPTED}") from None
+    container, subtype, rate, channels = info
+    if rate < MIN_SAMPLE_RATE or channels < 1:
+        raise WavError(f"{path}: implausible header ({channels} channels, {rate} Hz); accepted: {ACCEPTED}")
+    mono = np.nan_to_num(audio.mean(axis=1) if channels > 1 else audio[:, 0])
+    samples = np.clip(np.round(mono * 32768.0), -32768, 32767).astype(np.int16)
+    return Wav(samples, rate, _encoding_name(container, subtype), channels)
 
 
-def _decode(tag: int, bits: int, payload: bytes, path) -> np.ndarray:
-    if tag == FORMAT_MULAW:
-        return np.frombuffer(g711.decode(payload, "PCMU"), dtype="<i2").copy()
-    if tag == FORMAT_ALAW:
-        return np.frombuffer(g711.decode(payload, "PCMA"), dtype="<i2").copy()
-    if tag == FORMAT_PCM and bits in (8, 16, 24, 32):
-        if bits == 8:
-            return ((np.frombuffer(payload, dtype=np.uint8).astype(np.int16) - 128) << 8).astype(np.int16)
-        return np.frombuffer(g711.audioop.lin2lin(payload, bits // 8, 2), dtype="<i2").copy()
-    if tag == FORMAT_FLOAT and bits in (32, 64):
-        floats = np.frombuffer(payload, dtype="<f4" if bits == 32 else "<f8")
-        return (np.clip(np.nan_to_num(floats), -1, 1) * 32767).astype(np.int16)
-    raise WavError(f"{path}: unsupported WAV encoding (format tag {tag}, {bits} bits); "
-                   "use PCM, float, μ-law or A-law")
+def _encoding_name(container: str, subtype: str) -> str:
+    name = _SUBTYPE_NAMES.get(subtype) or soundfile.available_subtypes().get(subtype, subtype)
+    return name if container in ("WAV", "WAVEX") else f"{container} {name}"
 
 
 def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int, *, encoding: str = "pcm") -> None:
-    """Write mono int16 samples as 16-bit PCM, μ-law ("mulaw") or A-law ("alaw")."""
-    pcm = np.asarray(samples, dtype=np.int16).tobytes()
-    tag, bits, body = {"pcm": (FORMAT_PCM, 16, pcm), "mulaw": (FORMAT_MULAW, 8, g711.encode(pcm, "PCMU")),
-                       "alaw": (FORMAT_ALAW, 8, g711.encode(pcm, "PCMA"))}[encoding]
-    width = bits // 8
-    fmt = struct.pack("<HHIIHH", tag, 1, sample_rate, sample_rate * width, width, bits)
-    if tag != FORMAT_PCM:
-        fmt += struct.pack("<H", 0)
-    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(body)) + body
-    if len(body) & 1:
-        chunks += b"\x00"
-    Path(path).write_bytes(b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks)
+    """Write mono int16 samples as WAV: 16-bit PCM ("pcm"), μ-law ("mulaw") or A-law ("alaw")."""
+    if encoding not in _WRITE_SUBTYPES:
+        raise ValueError(f"encoding must be one of {sorted(_WRITE_SUBTYPES)}, not {encoding!r}")
+    soundfile.write(str(path), np.asarray(samples, dtype=np.int16), sample_rate, subtype=_WRITE_SUBTYPES[encoding],
+                    format="WAV")

@@ -59,4 +59,4 @@ def test_bad_wav_is_reported(tmp_path, tiny_nemo):
     junk = tmp_path / "junk.wav"
     junk.write_bytes(b"\x00" * 100)
     result = CliRunner().invoke(app, ["transcribe", str(junk), "--model", str(tiny_nemo)])
-    assert result.exit_code == 2 and "RIFF" in result.output
+    assert result.exit_code == 2 and "cannot decode as audio" in result.output and "accepted: WAV" in result.output

@@ -22,13 +22,69 @@ def test_wav_round_trip(tmp_path, encoding, tolerance):
     assert error.max() <= tolerance + 1e-4
 
 
-def test_wav_garbage_is_a_clear_error(tmp_path):
-    (tmp_path / "junk.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunk")
-    with pytest.raises(WavError, match="fmt"):
+# (container, subtype, what read_wav calls it, max error as a fraction of full scale)
+FORMATS = [
+    ("WAV", "PCM_U8", "PCM 8-bit", 1 / 128),
+    ("WAV", "PCM_16", "PCM 16-bit", 0),
+    ("WAV", "PCM_24", "PCM 24-bit", 1 / 32768),
+    ("WAV", "PCM_32", "PCM 32-bit", 1 / 32768),
+    ("WAV", "FLOAT", "float 32-bit", 1 / 32768),
+    ("WAV", "DOUBLE", "float 64-bit", 1 / 32768),
+    ("WAV", "ULAW", "μ-law", 0.02),
+    ("WAV", "ALAW", "A-law", 0.02),
+    ("WAVEX", "PCM_16", "PCM 16-bit", 0),
+    ("FLAC", "PCM_16", "FLAC PCM 16-bit", 0),
+    ("FLAC", "PCM_24", "FLAC PCM 24-bit", 1 / 32768),
+    ("OGG", "VORBIS", "OGG Vorbis", None),  # lossy: checked by correlation
+    ("OGG", "OPUS", "OGG Opus", None),
+]
+
+
+@pytest.mark.parametrize("container, subtype, name, tolerance", FORMATS, ids=[f"{c}-{s}" for c, s, *_ in FORMATS])
+def test_read_wav_decodes_every_format_libsndfile_writes(tmp_path, container, subtype, name, tolerance):
+    import soundfile
+
+    if not soundfile.check_format(container, subtype):
+        pytest.skip(f"this libsndfile cannot write {container}/{subtype}")
+    rate = 48000 if subtype == "OPUS" else 16000
+    audio = speechlike(0.6, seed=3, rate=rate).astype(np.float64) * 0.8
+    stereo = np.stack([audio, audio * 0.5], axis=1)  # two channels: read_wav averages them
+    path = tmp_path / f"a.{ {'OGG': 'ogg', 'FLAC': 'flac'}.get(container, 'wav') }"
+    soundfile.write(str(path), stereo, rate, format=container, subtype=subtype)
+    wav = read_wav(path)
+    expected = stereo.mean(axis=1) * 32768
+    assert (wav.sample_rate, wav.channels, wav.encoding) == (rate, 2, name)
+    assert wav.samples.dtype == np.int16
+    if tolerance is None:
+        n = min(len(wav.samples), len(expected))
+        assert abs(len(wav.samples) - len(expected)) < 0.05 * rate
+        assert np.corrcoef(wav.samples[:n], expected[:n])[0, 1] > 0.9
+    else:
+        assert len(wav.samples) == len(expected)
+        assert np.abs(wav.samples - expected).max() / 32768 <= tolerance + 2 / 32768
+
+
+def test_float_wav_beyond_full_scale_and_nan_are_clipped(tmp_path):
+    import soundfile
+
+    soundfile.write(str(tmp_path / "f.wav"), np.array([0.0, 2.0, -2.0, np.nan, 0.5]), 8000, subtype="FLOAT")
+    assert read_wav(tmp_path / "f.wav").samples.tolist() == [0, 32767, -32768, 0, 16384]
+
+
+@pytest.mark.parametrize("content", [b"RIFF\x00\x00\x00\x00WAVEjunkjunk", b"hello", b"\x00" * 100,
+                                     b"fLaC" + bytes(range(256)), b"OggS" + b"\xff" * 60, b""],
+                         ids=["riff-no-chunks", "text", "zeros", "flac-junk", "ogg-junk", "empty"])
+def test_garbage_is_a_clear_error_naming_the_accepted_formats(tmp_path, content):
+    (tmp_path / "junk.wav").write_bytes(content)
+    with pytest.raises(WavError, match="junk.wav: cannot decode as audio .*accepted: WAV .*μ-law, A-law.*FLAC"):
         read_wav(tmp_path / "junk.wav")
-    (tmp_path / "text.wav").write_text("hello")
-    with pytest.raises(WavError, match="RIFF"):
-        read_wav(tmp_path / "text.wav")
+
+
+def test_missing_file_and_bad_write_encoding(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_wav(tmp_path / "nothing.wav")
+    with pytest.raises(ValueError, match="mulaw"):
+        write_wav(tmp_path / "x.wav", np.zeros(10, np.int16), 8000, encoding="gsm")
 
 
 def test_locale_table_has_40_locales_in_three_tiers():
