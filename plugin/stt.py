@@ -119,7 +119,10 @@ class NemotronSTTService(STTService):
         self._reopen_pending = False
         self._dropped_s = 0.0  # audio received while no stream was open
         self._backlog_reported = False
-        self._resampler = create_stream_resampler()
+        # Never cleared by the wall clock: Pipecat's default drops the filter's history after 0.2 s without
+        # audio, so a busy event loop (or a fast file replay) changed what the engine heard run to run. The
+        # utterance's tail is flushed at finalize instead (`_finalize_utterance`).
+        self._resampler = create_stream_resampler(clear_after_secs=None)
         self._last_interim = ""
         self._vad_seen = False  # STTService keeps _user_speaking from the same VAD frames
         self._audio_since_finalize = False
@@ -141,6 +144,12 @@ class NemotronSTTService(STTService):
     @property
     def engine(self) -> Engine | None:
         return self._engine
+
+    @property
+    def audio_behind_s(self) -> float:
+        """Seconds of audio this service has handed to the engine that the model has not stepped yet (0 with
+        no stream). A file replay paces itself on it (`pipecat-nemotron transcribe --fast`)."""
+        return self._stream.lag_s if self._stream is not None else 0.0
 
     def can_generate_metrics(self) -> bool:
         return True

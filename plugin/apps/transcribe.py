@@ -27,6 +27,9 @@ from ..wav import Wav
 
 FRAME_MS = 20
 TRAILING_SILENCE_S = 0.6
+AHEAD_S = 2.0  # --fast: most audio of one file queued ahead of the engine
+POLL_S = 0.005
+STALL_S = 120.0
 
 
 @dataclass
@@ -107,7 +110,15 @@ def audio_frames(wav: Wav, rate: int) -> list[bytes]:
 
 async def transcribe_call(name: str, wav: Wav, *, stt: NemotronSTTService, realtime: bool, vad_mode: int,
                           on_final, on_interim) -> CallProgress:
-    """Run one file as a call through VAD and the STT service; return its transcripts."""
+    """Run one file as a call through VAD and the STT service; return its transcripts.
+
+    Real time paces the audio by the clock, like a caller. Fast mode paces it by the engine's progress
+    instead: at most `AHEAD_S` of this file's audio waits in the pipeline and the engine at any time, so
+    nothing is ever refused for backlog and the engine hears exactly what it would in real time. Either way
+    the result depends only on the audio: the same file gives the same utterances, text and tags, however
+    loaded the machine and however many files run beside it. Waits end on progress, not on a timer: a call
+    that makes no progress for `STALL_S` raises `TranscribeStalled`.
+    """
     progress = CallProgress(name)
     rate = pipeline_rate(wav)
     vad = VADProcessor(vad_analyzer=WebRTCVADAnalyzer(mode=vad_mode, params=VADParams(stop_secs=0.3)),
@@ -118,26 +129,52 @@ async def transcribe_call(name: str, wav: Wav, *, stt: NemotronSTTService, realt
     runner = WorkerRunner(handle_sigint=False)
     await runner.add_workers(worker)
     run = asyncio.ensure_future(runner.run())
-    started = time.monotonic()
-    chunks = audio_frames(wav, rate)
-    for index, chunk in enumerate(chunks):
-        await worker.queue_frame(InputAudioRawFrame(audio=chunk, sample_rate=rate, num_channels=1))
-        if realtime:
-            await asyncio.sleep(max(0.0, started + (index + 1) * FRAME_MS / 1000 - time.monotonic()))
-        elif index % 25 == 0:
-            await asyncio.sleep(0)
-    await _until(lambda: progress.audio_frames >= len(chunks), timeout=60)
-    if progress.speaking:  # the file ended mid-speech
-        await worker.queue_frame(VADUserStoppedSpeakingFrame(stop_secs=0.0))
-        await _until(lambda: not progress.speaking)
-    await _until(lambda: len(progress.finals) >= progress.vad_stops, timeout=60)
-    await worker.queue_frame(EndFrame())
-    await run
+    watch = _Watch(name, run, lambda: (progress.audio_frames, len(progress.finals), round(stt.audio_behind_s, 3)))
+    try:
+        started = time.monotonic()
+        chunks = audio_frames(wav, rate)
+        for index, chunk in enumerate(chunks):
+            await worker.queue_frame(InputAudioRawFrame(audio=chunk, sample_rate=rate, num_channels=1))
+            if realtime:
+                await asyncio.sleep(max(0.0, started + (index + 1) * FRAME_MS / 1000 - time.monotonic()))
+            else:  # back-pressure: the pipeline's queue plus the engine's backlog stay under AHEAD_S
+                await watch.until(lambda: (index + 1 - progress.audio_frames) * FRAME_MS / 1000
+                                  + stt.audio_behind_s <= AHEAD_S)
+        await watch.until(lambda: progress.audio_frames >= len(chunks))
+        if progress.speaking:  # the file ended mid-speech
+            await worker.queue_frame(VADUserStoppedSpeakingFrame(stop_secs=0.0))
+            await watch.until(lambda: not progress.speaking)
+        await watch.until(lambda: len(progress.finals) >= progress.vad_stops)
+        await worker.queue_frame(EndFrame())
+        await run
+    finally:
+        if not run.done():
+            await worker.cancel()
+            await run
     progress.done = True
     return progress
 
 
-async def _until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+class TranscribeStalled(RuntimeError):
+    """A file's call made no progress for `STALL_S` seconds (its pipeline ended or the engine stopped)."""
+
+
+class _Watch:
+    """Waits on a call's conditions while it makes progress; gives up only when nothing moves."""
+
+    def __init__(self, name: str, run: asyncio.Future, position):
+        self._name = name
+        self._run = run
+        self._position = position
+
+    async def until(self, condition) -> None:
+        last, moved = self._position(), time.monotonic()
+        while not condition():
+            if self._run.done():
+                raise TranscribeStalled(f"{self._name}: the pipeline ended before its transcripts were out")
+            await asyncio.sleep(POLL_S)
+            position = self._position()
+            if position != last:
+                last, moved = position, time.monotonic()
+            elif time.monotonic() - moved > STALL_S:
+                raise TranscribeStalled(f"{self._name}: no progress for {STALL_S:.0f} s")

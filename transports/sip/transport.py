@@ -55,7 +55,8 @@ class SIPInputTransport(BaseInputTransport):
         self._transport = transport
         self._call = transport.call
         self._reader: asyncio.Task | None = None
-        self._resampler = create_stream_resampler()
+        # RTP arrives with jitter: a wall-clock reset of the filter (Pipecat's default 0.2 s) would drop audio
+        self._resampler = create_stream_resampler(clear_after_secs=None)
 
     async def start(self, frame: StartFrame):
         await super().start(frame)
