@@ -1,62 +1,114 @@
-"""The `pipecat-nemotron` command."""
+"""The `pipecat-nemotron` command.
+
+Only typer is imported at module level: torch, NeMo and Pipecat load inside the command that needs them, so `--help`
+is quick, and every option is checked (`options.py`) before the model loads.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
-import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
+
+from .options import CHUNK_SIZES_MS, OptionError
 
 app = typer.Typer(help="Streaming multilingual speech-to-text for Pipecat on nemotron-3.5-asr-streaming.",
                   no_args_is_help=True, add_completion=False)
-console = Console(stderr=True)
-out = Console()
+
+DEFAULT_MODEL = "nvidia/nemotron-3.5-asr-streaming-0.6b"  # = pipecat_nemotron.engine.DEFAULT_MODEL (test_cli)
+MODEL_HELP = "Hugging Face id, .nemo path, or 'demo' (the bundled demo model: en-US, es-ES, de-DE)"
+CHUNK_HELP = f"chunk size in ms: {', '.join(map(str, CHUNK_SIZES_MS))}"
+LANGUAGE_HELP = "a locale such as en-US (one of the model's 40; 'pipecat-nemotron languages'), or 'auto' to detect"
+DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+
+
+def _checked(check):
+    """A typer callback from an options.py check: OptionError -> typer's usage error (exit status 2)."""
+    def callback(value):
+        if value is None:
+            return value
+        try:
+            return check(value)
+        except OptionError as error:
+            raise typer.BadParameter(str(error)) from None
+    return callback
+
+
+def _chunk_ms(value):
+    from .options import check_chunk_ms
+    return _checked(check_chunk_ms)(value)
+
+
+def _device(value):
+    from .options import check_device
+    return _checked(check_device)(value)
+
+
+def _fail(error) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[red]error:[/] {error}", soft_wrap=True, highlight=False)
+    raise typer.Exit(2)
+
+
+def _language_for(language: str, model: str) -> str:
+    """The locale to run with, checked against the model's own dictionary where readable without loading it."""
+    from .options import check_language
+
+    try:
+        return check_language(language, model)
+    except OptionError as error:
+        _fail(error)
 
 
 @app.command()
 def transcribe(
-    files: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="WAV files (any rate; PCM, μ-law, A-law)"),
-    model: str = typer.Option("nvidia/nemotron-3.5-asr-streaming-0.6b", help="Hugging Face id, .nemo path, or 'demo'"),
-    chunk_ms: int = typer.Option(160, help="80, 160, 320, 560 or 1120"),
-    language: str = typer.Option("auto", help="a locale such as en-US, or 'auto' to detect"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    files: List[Path] = typer.Argument(..., exists=True, dir_okay=False,
+                                       help="audio files: WAV (PCM, float, μ-law, A-law, any rate), FLAC, OGG"),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
+    chunk_ms: int = typer.Option(160, help=CHUNK_HELP, callback=_chunk_ms),
+    language: str = typer.Option("auto", help=LANGUAGE_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP, callback=_device),
     realtime: bool = typer.Option(True, "--realtime/--fast", help="pace audio like a live call, or as fast as possible"),
     json_lines: bool = typer.Option(False, "--json", help="one JSON line per final transcript on stdout"),
     vad_mode: int = typer.Option(2, min=0, max=3, help="WebRTC VAD aggressiveness"),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads of the model (default: CPUs - 1, at least 1)"),
 ):
-    """Stream WAV files as calls through NemotronSTTService (all files at once, batched)."""
-    logging.basicConfig(level=logging.WARNING)
-    _quiet_pipecat()
-    from ..engine import Engine, NemotronEngineError
-    from ..languages import language_to_locale, locale_to_language
-    from ..stt import NemotronSTTService
-    from .transcribe import transcribe_call
+    """Stream audio files as calls through NemotronSTTService (all files at once, batched)."""
+    import asyncio
+    import json
+
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from .console import loading, quiet_third_party
+
+    quiet_third_party()
+    console, out = Console(stderr=True), Console()
+    locale = _language_for(language, model)
     from ..wav import WavError, read_wav
 
     try:
         wavs = {str(path): read_wav(path) for path in files}
-        locale = language_to_locale(language)
-    except (WavError, ValueError) as error:
-        console.print(f"[red]error:[/] {error}")
-        raise typer.Exit(2)
-    with console.status(f"loading {model} ({chunk_ms} ms chunks)…"):
-        try:
+    except WavError as error:
+        _fail(error)
+    _quiet_pipecat()
+    from ..engine import Engine, NemotronEngineError
+    from ..languages import locale_to_language
+    from ..stt import NemotronSTTService
+    from .transcribe import transcribe_call
+
+    try:
+        with loading(console, f"{model} ({chunk_ms} ms chunks)"):
             engine = Engine.shared(model=model, chunk_ms=chunk_ms, device=device, max_streams=max(4, len(files)),
                                    **({"threads": threads} if threads else {}))
             engine.wait_ready()
-            if locale != "auto" and locale not in engine.languages:
-                raise NemotronEngineError(f"{model} has no prompt for {locale}; it knows {sorted(engine.languages)}")
-        except NemotronEngineError as error:
-            console.print(f"[red]error:[/] {error}")
-            raise typer.Exit(2)
+        if locale != "auto" and locale not in engine.languages:
+            raise NemotronEngineError(f"{model} has no prompt for {locale}; it knows {sorted(engine.languages)}")
+    except NemotronEngineError as error:
+        _fail(error)
     for name, wav in wavs.items():
         console.print(f"[dim]{name}: {wav.seconds:.1f} s, {wav.sample_rate} Hz {wav.encoding}, "
                       f"{wav.channels} channel(s)[/]")
@@ -102,48 +154,106 @@ def transcribe(
 
 @app.command("serve-webrtc")
 def serve_webrtc(
-    host: str = typer.Option("127.0.0.1", help="address to listen on"),
-    port: int = typer.Option(7860),
-    model: str = typer.Option("nvidia/nemotron-3.5-asr-streaming-0.6b", help="Hugging Face id, .nemo path, or 'demo'"),
-    chunk_ms: int = typer.Option(160, help="80, 160, 320, 560 or 1120"),
-    language: str = typer.Option("auto", help="a locale such as en-US, or 'auto' to detect"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda"),
-    llm: Optional[bool] = typer.Option(None, "--llm/--no-llm",
-                                       help="answer with an LLM (default: when NEMOTRON_LLM_API_KEY/OPENAI_API_KEY is set)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (not loopback: needs --allow-remote)"),
+    port: int = typer.Option(7860, min=0, max=65535, help="HTTP port of the page and the offer endpoint"),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
+    chunk_ms: int = typer.Option(160, help=CHUNK_HELP, callback=_chunk_ms),
+    language: str = typer.Option("auto", help=LANGUAGE_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP, callback=_device),
+    llm: Optional[bool] = typer.Option(None, "--llm/--no-llm", show_default="when NEMOTRON_LLM_API_KEY or "
+                                       "OPENAI_API_KEY is set", help="answer with an OpenAI-compatible LLM"),
+    allow_remote: bool = typer.Option(False, "--allow-remote",
+                                      help="listen on a non-loopback --host: anyone who reaches the port can use "
+                                           "the model (and your LLM key); there is no authentication"),
 ):
     """A browser page where a person talks and sees live transcripts (WebRTC, http://HOST:PORT/)."""
-    logging.basicConfig(level=logging.INFO)
+    from .console import quiet_third_party
+    from .options import is_loopback
+
+    quiet_third_party()
+    locale = _language_for(language, model)
+    if not is_loopback(host) and not allow_remote:
+        _fail(f"--host {host} is not a loopback address: anyone who can reach it could use the model (and your LLM "
+              "key). Pass --allow-remote to do that on purpose (browsers give the microphone only to localhost or "
+              "HTTPS pages, so put it behind a TLS proxy), or keep the default 127.0.0.1.")
     from .webrtc_server import run_webrtc_server
 
-    run_webrtc_server(host=host, port=port, model=model, chunk_ms=chunk_ms, language=language, device=device, llm=llm)
+    run_webrtc_server(host=host, port=port, model=model, chunk_ms=chunk_ms, language=locale, device=device, llm=llm,
+                      allow_remote=allow_remote)
 
 
-@app.command("serve-sip", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def serve_sip(ctx: typer.Context):
-    """Answer SIP calls directly (UDP/TCP) and write one JSON line per final transcript.
+@app.command("serve-sip")
+def serve_sip(
+    host: str = typer.Option("0.0.0.0", help="address to listen on (SIP UDP+TCP, and RTP)"),
+    port: int = typer.Option(5060, min=0, max=65535, help="SIP port"),
+    advertise: Optional[str] = typer.Option(None, show_default="the address that routes to the caller",
+                                            help="address for Contact/SDP"),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
+    chunk_ms: int = typer.Option(160, help=CHUNK_HELP, callback=_chunk_ms),
+    language: str = typer.Option("auto", help=LANGUAGE_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP, callback=_device),
+    threads: Optional[int] = typer.Option(None, min=1, show_default="CPUs - 1, at least 1",
+                                          help="CPU threads of the model"),
+    max_calls: Optional[int] = typer.Option(None, min=1, show_default="the measured capacity: 24 for the demo "
+                                            "model on a 2-core CPU", help="concurrent calls; 503 + Retry-After beyond"),
+    allow: List[str] = typer.Option([], "--allow", show_default="loopback and private networks only",
+                                    help="peer address or network that may call (repeat); 'any' for everyone"),
+    max_call_secs: float = typer.Option(3600, min=0, help="hang up after this long (0: never)"),
+    retry_after: int = typer.Option(5, min=0, help="Retry-After seconds of every 503"),
+    sip_rate: float = typer.Option(200.0, min=0.1, help="SIP messages per second per source IP (burst: twice "
+                                                         "that); beyond: dropped"),
+    tcp_max_connections: int = typer.Option(256, min=1, help="open SIP TCP connections in all"),
+    tcp_max_per_source: int = typer.Option(16, min=1, help="open SIP TCP connections per IP"),
+    tcp_idle_secs: float = typer.Option(120.0, min=0.1, help="close an idle SIP TCP connection after this long"),
+    greeting: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                            help="a short audio file played when a call starts"),
+    output: str = typer.Option("-", help="JSON-lines file to append final transcripts to ('-': stdout)"),
+):
+    """Answer SIP calls directly (UDP/TCP) and write one JSON line per final transcript."""
+    from .console import quiet_third_party
 
-    Options: --host --port --advertise --model --chunk-ms --language --device --threads --max-calls --allow
-    --max-call-secs --greeting --output (see `pipecat-nemotron serve-sip --help-sip`).
-    """
+    quiet_third_party()
+    locale = _language_for(language, model)
+    try:
+        from ..transports.sip.config import allowed_peers_for
+
+        allowed_peers_for(allow)
+    except ValueError as error:
+        _fail(f"--allow: {error}")
+    argv = ["--host", host, "--port", str(port), "--model", model, "--chunk-ms", str(chunk_ms), "--language", locale,
+            "--device", device, "--max-call-secs", str(max_call_secs), "--retry-after", str(retry_after),
+            "--sip-rate", str(sip_rate), "--tcp-max-connections", str(tcp_max_connections),
+            "--tcp-max-per-source", str(tcp_max_per_source), "--tcp-idle-secs", str(tcp_idle_secs),
+            "--output", output]
+    for name, value in (("--advertise", advertise), ("--threads", threads), ("--max-calls", max_calls),
+                        ("--greeting", greeting)):
+        if value is not None:
+            argv += [name, str(value)]
+    for network in allow:
+        argv += ["--allow", network]
     from .phone import main as phone_main
 
-    args = ["--help" if arg == "--help-sip" else arg for arg in ctx.args]
-    phone_main(args)
+    phone_main(argv)
 
 
 @app.command()
 def languages():
     """List the model's 40 locales with their support tier and Pipecat Language."""
+    from rich.console import Console
+    from rich.table import Table
+
     from ..languages import LOCALE_TIERS, locale_to_language
 
     table = Table("locale", "tier", "Pipecat Language")
     for locale, tier in LOCALE_TIERS.items():
         language = locale_to_language(locale)
         table.add_row(locale, tier.value, f"Language.{language.name}" if language else "-")
-    out.print(table)
+    Console().print(table)
 
 
 def _quiet_pipecat() -> None:
+    import sys
+
     from loguru import logger
 
     logger.remove()

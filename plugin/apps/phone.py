@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
@@ -35,6 +34,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
 from ..transports.sip import SIPCall, SIPCallTransport, SIPConfig, SIPServer
+from ..transports.sip.config import PRIVATE_NETWORKS, allowed_peers_for
 
 OUTPUT_CHUNK_SAMPLES = 320  # pipecat's output sends whole 40 ms chunks at 8 kHz: pad the greeting to that
 
@@ -162,10 +162,13 @@ async def serve(args: argparse.Namespace, *, stt_factory=None, out: IO[str] | No
     if stt_factory is None:
         from ..stt import NemotronSTTService
 
-        started = time.monotonic()
-        engine = await NemotronSTTService.preload(model=args.model, chunk_ms=args.chunk_ms, device=args.device,
-                                                  max_streams=max(args.max_calls, 1), threads=args.threads)
-        logger.info(f"model {args.model} ready in {time.monotonic() - started:.1f} s")
+        from rich.console import Console
+
+        from .console import loading
+
+        with loading(Console(stderr=True), f"{args.model} ({args.chunk_ms} ms chunks)"):
+            engine = await NemotronSTTService.preload(model=args.model, chunk_ms=args.chunk_ms, device=args.device,
+                                                      max_streams=max(args.max_calls, 1), threads=args.threads)
         # One capacity truth: the SIP server reserves an engine stream before it answers (503 + Retry-After
         # when none is free, OPTIONS 503 while full); the call's STT service runs on that reservation.
         admission = engine
@@ -175,8 +178,14 @@ async def serve(args: argparse.Namespace, *, stt_factory=None, out: IO[str] | No
     async def on_call(call: SIPCall):
         await run_call(call, stt=stt_factory(call), out=out, greeting=greeting)
 
+    allowed = allowed_peers_for(args.allow)
+    if allowed == PRIVATE_NETWORKS:
+        logger.info("no --allow: answering loopback and private networks only (10/8, 172.16/12, 192.168/16, "
+                    "fc00::/7, link-local); others get 403. Pass --allow NETWORK (or --allow any)")
+    elif not allowed:
+        logger.warning("--allow any: answering calls from every address")
     config = SIPConfig(host=args.host, port=args.port, advertised_host=args.advertise, max_calls=args.max_calls,
-                       allowed_peers=tuple(args.allow), max_call_secs=args.max_call_secs or None,
+                       allowed_peers=allowed, max_call_secs=args.max_call_secs or None,
                        admission=admission, retry_after_secs=args.retry_after,
                        udp_rate_per_source=args.sip_rate, udp_burst_per_source=max(1, int(2 * args.sip_rate)),
                        tcp_max_connections=args.tcp_max_connections, tcp_max_per_source=args.tcp_max_per_source,
@@ -204,8 +213,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-calls", type=int, default=None,
                         help="concurrent calls, 503 + Retry-After beyond (default: the measured capacity for the "
                              f"model: {DEMO_CPU_MAX_CALLS} for the demo model on a 2-core CPU)")
-    parser.add_argument("--allow", action="append", default=[], help="peer address or network (repeat); "
-                        "default: everyone")
+    parser.add_argument("--allow", action="append", default=[], help="peer address or network that may call "
+                        "(repeat); 'any' for everyone; default: loopback and private networks only")
     parser.add_argument("--max-call-secs", type=float, default=3600, help="hang up after this long (0: never)")
     parser.add_argument("--retry-after", type=int, default=5, help="Retry-After seconds of every 503")
     parser.add_argument("--sip-rate", type=float, default=200.0,
@@ -225,9 +234,28 @@ def configure_logging() -> None:
                filter=lambda record: not record["name"].startswith("pipecat.") or record["level"].no >= 30)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the model loads (chunk size, device, language against the model's
+    dictionary, --allow); raises `options.OptionError`/ValueError with what would work."""
+    from . import options
+
+    options.check_chunk_ms(args.chunk_ms)
+    options.check_device(args.device)
+    args.language = options.check_language(args.language or "auto", args.model)
+    allowed_peers_for(args.allow)
+
+
 def main(argv: list[str] | None = None) -> None:
+    from .console import quiet_third_party
+
     args = parse_args(argv)
     configure_logging()
+    quiet_third_party()
+    try:
+        check_args(args)
+    except ValueError as error:
+        logger.error(f"serve-sip: {error}")
+        raise SystemExit(2) from None
     try:
         asyncio.run(serve(args))
     except KeyboardInterrupt:
