@@ -396,7 +396,8 @@ def allow_loopback_ice_candidates() -> None:
 
 
 async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT_MODEL, chunk_ms: int = 160,
-                       language: Language | str | None = None, device: str = "auto", llm: bool | None = None) -> None:
+                       language: Language | str | None = None, device: str = "auto", llm: bool | None = None,
+                       allow_remote: bool = False) -> None:
     """Serve the browser page and WebRTC calls until interrupted.
 
     Args (keyword-only):
@@ -407,28 +408,41 @@ async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str 
         device: "auto", "cpu" or "cuda".
         llm: None = answer with an LLM when `NEMOTRON_LLM_API_KEY`/`OPENAI_API_KEY` is set; False = never;
             True = require one (error when no key is set).
+        allow_remote: required to listen on a non-loopback `host`: there is no authentication, so anyone who
+            reaches the port could use the model and the LLM key (ValueError otherwise, before the model loads).
     """
     import uvicorn
+    from rich.console import Console
 
+    from .console import loading
+
+    if not _loopback(host) and not allow_remote:
+        raise ValueError(f"host {host!r} is not a loopback address and allow_remote is False: anyone who can "
+                         "reach it could use the model (and the LLM key); pass allow_remote=True "
+                         "(serve-webrtc --allow-remote) to do that on purpose")
+    if not _loopback(host):
+        logger.warning(f"serve-webrtc: listening on {host}, reachable by anyone who can reach this port; "
+                       "there is no authentication")
     server = WebRTCServer(model=model, chunk_ms=chunk_ms, language=_language(language), device=device,
                           llm=_llm_config(llm))
     if _loopback(host):
         allow_loopback_ice_candidates()
-    logger.info(f"serve-webrtc: loading {model} ({chunk_ms} ms chunks)…")
-    await server.start()  # model errors surface here, before the port opens
+    with loading(Console(stderr=True), f"{model} ({chunk_ms} ms chunks)"):
+        await server.start()  # model errors surface here, before the port opens
     logger.info(f"serve-webrtc: open http://{'localhost' if _loopback(host) else host}:{port}/")
     config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", lifespan="on")
     await uvicorn.Server(config).serve()
 
 
 def run_webrtc_server(*, host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT_MODEL, chunk_ms: int = 160,
-                      language: Language | str | None = None, device: str = "auto", llm: bool | None = None) -> None:
+                      language: Language | str | None = None, device: str = "auto", llm: bool | None = None,
+                      allow_remote: bool = False) -> None:
     """Blocking wrapper of `serve_webrtc` (for the CLI and scripts); exits with status 2 on a setup error."""
     from ..engine import NemotronEngineError
 
     try:
         asyncio.run(serve_webrtc(host=host, port=port, model=model, chunk_ms=chunk_ms, language=language,
-                                 device=device, llm=llm))
+                                 device=device, llm=llm, allow_remote=allow_remote))
     except KeyboardInterrupt:
         pass
     except (NemotronEngineError, ValueError) as error:

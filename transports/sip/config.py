@@ -7,6 +7,31 @@ from dataclasses import dataclass
 
 from .admission import CallAdmission
 
+# Who may call a server started without an explicit allow-list (serve-sip without --allow): loopback, the RFC 1918
+# private networks, IPv6 unique-local (fc00::/7) and link-local addresses. A PBX or proxy on the same host or LAN
+# works out of the box; a stranger on the internet who finds an open port 5060 gets 403 instead of the model.
+PRIVATE_NETWORKS: tuple[str, ...] = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                     "fc00::/7", "169.254.0.0/16", "fe80::/10")
+ANY = "any"
+
+
+def allowed_peers_for(allow: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """`SIPConfig.allowed_peers` for an operator's allow-list: none given -> `PRIVATE_NETWORKS`; "any" -> everyone
+    (an empty tuple); otherwise the addresses/networks given. Raises ValueError for one that is not an address or
+    network."""
+    allow = tuple(a.strip() for a in allow)
+    if not allow:
+        return PRIVATE_NETWORKS
+    if ANY in allow:
+        return ()
+    for network in allow:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError(f"{network!r} is not an IP address or network (e.g. 10.0.0.0/8, 192.0.2.7); "
+                             f"'{ANY}' allows everyone") from None
+    return allow
+
 
 @dataclass
 class SIPConfig:
@@ -17,7 +42,8 @@ class SIPConfig:
         port: SIP port (0 picks a free one; see ``SIPUserAgentServer.port``).
         advertised_host: Address put in Contact and SDP; by default the local address that routes to the caller.
         max_calls: Concurrent calls; beyond it INVITEs get 503 (with Retry-After) before any application work.
-        allowed_peers: Addresses or networks (``"10.0.0.0/8"``) that may call, and send RTP; empty allows everyone.
+        allowed_peers: Addresses or networks (``"10.0.0.0/8"``) that may call, and send RTP; empty allows everyone
+            (``allowed_peers_for()`` turns an operator's list into this, with `PRIVATE_NETWORKS` when none is given).
         max_call_secs: Calls are hung up (BYE) after this long; None for no limit.
         rtp_timeout_secs: Hang up when no RTP arrived for this long while the caller should be sending
             (not on hold); None to never. Catches callers that vanished without a BYE.
@@ -82,4 +108,4 @@ class SIPConfig:
         return any(address in net for net in self._networks)
 
 
-__all__ = ["SIPConfig"]
+__all__ = ["ANY", "PRIVATE_NETWORKS", "SIPConfig", "allowed_peers_for"]
