@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--streams", default="1,16")
     parser.add_argument("--utterances", type=int, default=12)
     parser.add_argument("--pace", choices=["realtime", "drain"], default="realtime")
+    parser.add_argument("--final-context-ms", default=None,
+                        help="comma list of Engine(final_context_ms=) to compare side by side (default: the engine's)")
     parser.add_argument("--name", default="ttfs")
     args = parser.parse_args()
     if args.geometry:
@@ -125,23 +127,26 @@ def main() -> None:
         label = f"model {model}"
     facts = machine()
     rows = []
-    for chunk_ms in map(int, args.chunks.split(",")):
-        for streams in map(int, args.streams.split(",")):
-            engine = Engine(model=model, chunk_ms=chunk_ms, device="auto", max_streams=streams)
-            engine.wait_ready()
-            engine.lag_warning_s = 1e9
-            console.print(f"  {chunk_ms} ms, {streams} streams…")
-            row = asyncio.run(measure(engine, streams, args.utterances, args.pace))
-            row.update(chunk_ms=chunk_ms, streams=streams, mean_batch=engine.stats.streams_stepped / max(1, engine.stats.steps))
-            rows.append(row)
-            engine.close()
-    headers = ["chunk", "streams", "finals", "p50 ms", "p95 ms", "p99 ms", "mean batch", "max audio age s"]
+    contexts = [int(c) for c in args.final_context_ms.split(",")] if args.final_context_ms else [None]
+    for chunk_ms, streams, context in ((c, s, x) for c in map(int, args.chunks.split(","))
+                                       for s in map(int, args.streams.split(",")) for x in contexts):
+        options = {} if context is None else {"final_context_ms": context}
+        engine = Engine(model=model, chunk_ms=chunk_ms, device="auto", max_streams=streams, **options)
+        engine.wait_ready()
+        engine.lag_warning_s = 1e9
+        console.print(f"  {chunk_ms} ms, {streams} streams…")
+        row = asyncio.run(measure(engine, streams, args.utterances, args.pace))
+        row.update(chunk_ms=chunk_ms, streams=streams, final_context_ms=engine.final_context_ms,
+                   mean_batch=engine.stats.streams_stepped / max(1, engine.stats.steps))
+        rows.append(row)
+        engine.close()
+    headers = ["chunk", "streams", "final context", "finals", "p50 ms", "p95 ms", "p99 ms", "mean batch", "max audio age s"]
     table = Table(title=f"TTFS (VAD stop → final) — {label}, {facts['cpu']}, {facts['date']}")
     for header in headers:
         table.add_column(header, justify="right")
     lines = ["| " + " | ".join(headers) + " |", "|" + "---:|" * len(headers)]
     for row in rows:
-        cells = [f"{row['chunk_ms']} ms", str(row["streams"]), str(row["n"]), f"{row['p50_ms']:.0f}",
+        cells = [f"{row['chunk_ms']} ms", str(row["streams"]), f"{row.get('final_context_ms', 0)} ms", str(row["n"]), f"{row['p50_ms']:.0f}",
                  f"{row['p95_ms']:.0f}", f"{row['p99_ms']:.0f}", f"{row['mean_batch']:.1f}", f"{row['max_lag_s']:.2f}"]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")

@@ -7,8 +7,21 @@ import numpy as np
 import torch
 from nemo.collections.asr.parts.utils.streaming_utils import CacheAwareStreamingAudioBuffer
 
-from pipecat_nemotron.engine.features import HOP, samples_needed
+from pipecat_nemotron.engine.features import HOP, HALF_WINDOW, samples_needed
 from pipecat_nemotron.engine.loader import chunk_spec
+from pipecat_nemotron.engine.scheduler import DEFAULT_FINAL_CONTEXT_MS
+from pipecat_nemotron.engine.tail import chunks_for
+
+
+def tail_frames(model, chunk_ms: int, context_ms: int = DEFAULT_FINAL_CONTEXT_MS) -> int:
+    """Mel frames of silence an engine with `final_context_ms=context_ms` steps after a finalize."""
+    return chunks_for(context_ms, chunk_ms) * chunk_spec(model, chunk_ms).chunk_frames
+
+
+def with_tail(audio: np.ndarray, end_frame: int, frames: int) -> np.ndarray:
+    """The audio the engine's trailing context hears: the timeline up to the finalize point, then silence."""
+    kept = audio[:samples_needed(end_frame)]
+    return np.concatenate([kept, np.zeros(frames * HOP + 2 * HALF_WINDOW, dtype=np.float32)])
 
 
 def padded_for_finalize(model, audio: np.ndarray, chunk_ms: int) -> tuple[np.ndarray, int]:
@@ -44,14 +57,18 @@ def reset_timeline(model, utterances: list[np.ndarray], chunk_ms: int) -> tuple[
 
 
 @torch.inference_mode()
-def reference_tokens_with_resets(model, utterances: list[np.ndarray], *, language: str,
-                                 chunk_ms: int) -> list[list[int]]:
+def reference_tokens_with_resets(model, utterances: list[np.ndarray], *, language: str, chunk_ms: int,
+                                 context_ms: int | None = None) -> list[list[int]]:
     """Tokens per utterance from NeMo's reference loop when every utterance starts with fresh caches
-    (a new loop on that utterance's frames of the engine's timeline)."""
+    (a new loop on that utterance's frames of the engine's timeline, continued over its trailing silence)."""
     timeline, spans = reset_timeline(model, utterances, chunk_ms)
     model.set_inference_prompt(language)
-    mel = offline_mel(model, timeline)
-    return [_loop(model, mel[:, :, first:end], chunk_ms)[-1] for first, end in spans]
+    tail = tail_frames(model, chunk_ms) if context_ms is None else tail_frames(model, chunk_ms, context_ms)
+    tokens = []
+    for first, end in spans:
+        mel = offline_mel(model, with_tail(timeline, end, tail))
+        tokens.append(_loop(model, mel[:, :, first:end + tail], chunk_ms)[-1])
+    return tokens
 
 
 @torch.inference_mode()
@@ -78,11 +95,18 @@ def _loop(model, mel: torch.Tensor, chunk_ms: int, reset_at_frames: tuple[int, .
 
 @torch.inference_mode()
 def reference_tokens(model, audio: np.ndarray, *, language: str, chunk_ms: int,
-                     reset_at_frames: tuple[int, ...] = ()) -> list[list[int]]:
-    """Tokens per utterance from NeMo's reference loop on the engine's (padded) timeline.
+                     reset_at_frames: tuple[int, ...] = (), context_ms: int | None = None) -> list[list[int]]:
+    """Tokens per utterance (each Final's) from NeMo's reference loop on the engine's (padded) timeline.
 
-    `reset_at_frames`: mel frames where an utterance ended (decoder restarts there).
+    `reset_at_frames`: mel frames where an utterance ended (decoder restarts there). Each utterance's tokens
+    are the loop's after it went on over the Final's trailing silence (`context_ms`, default the engine's);
+    the next utterance continues from the state before that silence, as the engine does.
     """
     model.set_inference_prompt(language)
     padded, frames = padded_for_finalize(model, audio, chunk_ms)
-    return _loop(model, offline_mel(model, padded)[:, :, :frames], chunk_ms, reset_at_frames)
+    tail = tail_frames(model, chunk_ms) if context_ms is None else tail_frames(model, chunk_ms, context_ms)
+    tokens = []
+    for index, end in enumerate([*reset_at_frames, frames]):
+        mel = offline_mel(model, with_tail(padded, end, tail))[:, :, :end + tail]
+        tokens.append(_loop(model, mel, chunk_ms, reset_at_frames[:index])[-1])
+    return tokens

@@ -9,6 +9,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 TAG_PATTERN = re.compile(r"\s*<([a-z]{2,3}-[A-Z]{2})>")
+# closing punctuation and tags before an utterance's first word: the end of the PREVIOUS utterance, which the
+# model wrote once it heard the pause (opening marks such as "¿" and "¡" belong to the new one)
+LEADING_MARKS = re.compile(r"^(?:\s*(?:<[a-z]{2,3}-[A-Z]{2}>|[.,;:!?…]+))+\s*")
 
 
 def split_language_tags(text: str) -> tuple[str, list[str]]:
@@ -16,6 +19,12 @@ def split_language_tags(text: str) -> tuple[str, list[str]]:
     tags = TAG_PATTERN.findall(text)
     clean = " ".join(TAG_PATTERN.sub("", text).split())
     return clean, tags
+
+
+def split_leading_marks(text: str) -> tuple[str, str]:
+    """(closing marks and tags before the first word, the rest) of an utterance's raw model text."""
+    match = LEADING_MARKS.match(text)
+    return (text[:match.end()].strip(), text[match.end():]) if match else ("", text)
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,11 @@ from .reservation import Capacity, StreamReservation
 from .results import Final
 from .slots import SlotPool
 from .stream import Stream
+from .tail import TailSource, chunks_for, step_silence
 
 logger = logging.getLogger("pipecat_nemotron.engine")
+
+DEFAULT_FINAL_CONTEXT_MS = 480
 
 _registry: dict[tuple, "Engine"] = {}
 _registry_lock = threading.Lock()
@@ -82,6 +85,7 @@ class EngineStats:
     last_step_at: float = 0.0  # time.monotonic() of the last step
     max_lag_s: float = 0.0
     failed_steps: int = 0
+    late_marks: int = 0  # utterances that began with the previous one's closing punctuation or tag (dropped)
     batch_sizes: deque = field(default_factory=lambda: deque(maxlen=EngineStats.WINDOW))
     _recent: deque = field(default_factory=lambda: deque(maxlen=EngineStats.RECENT), repr=False)
 
@@ -115,6 +119,7 @@ class _Job:
     offset: int = 0
     frames: int = 0
     prompt_index: int = 0
+    tail: TailSource | None = None  # a due finalize that gets trailing silence (tail.py)
 
 
 class Engine:
@@ -132,6 +137,11 @@ class Engine:
         max_admission_lag_s: while the engine steps audio this many seconds behind real time, `try_reserve()`
             refuses new calls (the calls it has go on); None to admit by free slots only.
         strip_language_tags: remove `<xx-YY>` from text (the language is reported separately).
+        final_context_ms: trailing silence each Final is given before it is read (rounded up to whole chunks),
+            stepped on a copy of the stream's state so the real timeline is untouched (`tail.py`): the model
+            writes the terminal punctuation and the language tag only after it has heard some audio past the
+            last word. 0 turns it off. Its cost (a few extra chunk steps for the finalizing streams) is part
+            of each Final's `latency_s`.
         threads: CPU threads for the model's math (`torch.set_num_threads` at load; torch's setting is
             process-wide, so engines of one process should agree).
             Default: one less than the CPUs this process may use (at least 1), so the event loop, Pipecat and
@@ -151,7 +161,8 @@ class Engine:
     def __init__(self, *, model=DEFAULT_MODEL, chunk_ms: int = 160, device: str = "auto", max_streams: int = 64,
                  max_batch: int | None = None, max_backlog_s: float = 30.0, max_utterance_s: float = 60.0,
                  max_admission_lag_s: float | None = 2.0, strip_language_tags: bool = True,
-                 threads: int | None = None, reset_context_per_utterance: bool | None = None):
+                 final_context_ms: int = DEFAULT_FINAL_CONTEXT_MS, threads: int | None = None,
+                 reset_context_per_utterance: bool | None = None):
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
         self.model_source = model
@@ -165,6 +176,8 @@ class Engine:
         self.max_admission_lag_s = max_admission_lag_s
         self.threads = threads or default_threads()
         self.strip_language_tags = strip_language_tags
+        self.final_context_ms = final_context_ms
+        self.tail_chunks = chunks_for(final_context_ms, chunk_ms)
         self.reset_context_per_utterance = reset_context_per_utterance
         self.stats = EngineStats(chunk_ms=chunk_ms)
         self.model = None
@@ -173,7 +186,8 @@ class Engine:
         self.lag_warning_s = 1.0
         self._options = {"max_streams": max_streams, "max_batch": self.max_batch, "max_backlog_s": max_backlog_s,
                          "max_utterance_s": max_utterance_s, "max_admission_lag_s": max_admission_lag_s,
-                         "strip_language_tags": strip_language_tags, "threads": self.threads,
+                         "strip_language_tags": strip_language_tags, "final_context_ms": final_context_ms,
+                         "threads": self.threads,
                          "reset_context_per_utterance": reset_context_per_utterance}
         self._capacity = Capacity(max_streams)
         self._lock = threading.Lock()
@@ -524,7 +538,10 @@ class Engine:
 
     def _job_for(self, stream: Stream) -> _Job | None:
         if stream._finalize_due():
-            return _Job(stream, step=False)
+            tail = None
+            if self.tail_chunks and stream.steps and stream.slot is not None:
+                tail = TailSource.at(stream.frames_stepped, stream._take_window)
+            return _Job(stream, step=False, tail=tail, prompt_index=stream._prompt_index or 0)
         if not stream._step_ready():
             return None
         if stream.slot is None:
@@ -532,8 +549,11 @@ class Engine:
         frames = stream._next_chunk_frames()
         start = stream.frames_stepped
         first, end, offset = window_for(start, start + frames)
-        return _Job(stream, step=True, first=stream.steps == 0, window=stream._take_window(first, end),
-                    offset=offset, frames=frames, prompt_index=stream._prompt_index or 0)
+        job = _Job(stream, step=True, first=stream.steps == 0, window=stream._take_window(first, end),
+                   offset=offset, frames=frames, prompt_index=stream._prompt_index or 0)
+        if self.tail_chunks and stream._finalizes_at(start + frames):  # this step ends an utterance
+            job.tail = TailSource.at(start + frames, stream._take_window)
+        return job
 
     def _fail_locked(self, stream: Stream, error: BaseException) -> None:
         """Take a stream out while the lock is held; `_serve` fails it once the lock is released."""
@@ -559,12 +579,13 @@ class Engine:
                     failed.add(job.stream.id)
             else:
                 self.stats.record_step(len(steppers), time.perf_counter() - started)
+        tails = self._step_tails([job for job in jobs if job.tail is not None and job.stream.id not in failed])
         now = time.monotonic()
         for job in jobs:
             if job.stream.id in failed or job.stream.closed:
                 continue
             try:
-                results = self._after_step(job, now)
+                results = self._after_step(job, now, tails.get(job.stream.id))
             except Exception as exc:  # one stream's post-step work: that stream fails, the others go on
                 logger.exception("post-step work failed for stream %d", job.stream.id)
                 error = EngineStepError(f"post-step work failed: {type(exc).__name__}: {exc}")
@@ -578,10 +599,36 @@ class Engine:
         except Exception:  # lag reporting must never stop the engine
             logger.exception("lag check failed")
 
-    def _after_step(self, job: _Job, now: float) -> list:
+    def _step_tails(self, jobs: list[_Job]) -> dict[int, list[int]]:
+        """Tokens of each finalizing stream after its trailing silence (`tail.py`), by stream id.
+
+        On an error the Finals are read without it (logged): the trailing context improves a Final, it must
+        never cost one."""
+        if not jobs:
+            return {}
+        try:
+            index = torch.tensor([j.stream.slot for j in jobs], dtype=torch.long, device=self.device)
+            caches = self._pool.gather(index)  # copies: never scattered back
+            prompts = torch.tensor([j.prompt_index for j in jobs], dtype=torch.long, device=self.device)
+            with self._step_lock:
+                if list(self.model.encoder.att_context_size) != list(self.spec.att_context_size):
+                    chunk_spec(self.model, self.chunk_ms)
+                tokens = step_silence(model=self.model, spec=self.spec, mel=self._mel, caches=caches,
+                                      hypotheses=[j.stream.hypothesis for j in jobs],
+                                      sources=[j.tail for j in jobs], prompts=prompts, chunks=self.tail_chunks)
+        except Exception:
+            logger.exception("trailing context failed for %d finalizing streams; their Finals go without it",
+                             len(jobs))
+            return {}
+        return {job.stream.id: ids for job, ids in zip(jobs, tokens)}
+
+    def _after_step(self, job: _Job, now: float, tail_tokens: list[int] | None = None) -> list:
         """Detokenise the step's new tokens (outside the lock), then update the stream's state under it."""
         stream = job.stream
-        tokens = [int(t) for t in stream.hypothesis.y_sequence] if stream.hypothesis is not None else []
+        if tail_tokens is not None:
+            tokens = tail_tokens
+        else:
+            tokens = [int(t) for t in stream.hypothesis.y_sequence] if stream.hypothesis is not None else []
         raw = stream.detokenizer.update(tokens)
         with self._lock:
             if stream.closed:

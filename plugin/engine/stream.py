@@ -17,7 +17,7 @@ import numpy as np
 from .errors import AudioFormatError, BacklogError, StreamClosedError
 from .features import HOP, samples_needed
 from .loader import SAMPLE_RATE
-from .results import Final, Partial, ResultQueue, split_language_tags
+from .results import Final, Partial, ResultQueue, split_language_tags, split_leading_marks
 
 
 def to_float32(samples) -> np.ndarray:
@@ -86,7 +86,6 @@ class Stream:
         self._utterance_start_fed = 0
         self._finalized_fed = 0  # fed samples at the latest finalize() call
         self._last_text: str | None = None
-        self._last_detected: str | None = None
         self.last_step_at = 0.0
         self._feed_times: deque[tuple[int, float]] = deque()  # (timeline end of a feed, when it came)
         self.audio_age_s = 0.0  # how old the newest stepped audio was when its step ended
@@ -191,6 +190,10 @@ class Stream:
     def _finalize_due(self) -> bool:
         return bool(self._finalize_queue) and self._finalize_queue[0].frame_end <= self.frames_stepped
 
+    def _finalizes_at(self, frame: int) -> bool:
+        """Whether the next due finalize ends at mel frame `frame` (the step reaching it ends an utterance)."""
+        return bool(self._finalize_queue) and self._finalize_queue[0].frame_end == frame
+
     def _step_ready(self) -> bool:
         return self.total_samples >= samples_needed(self.frames_stepped + self._next_chunk_frames())
 
@@ -229,6 +232,8 @@ class Stream:
         text, language = self._text_and_language(raw)
         start = self._utterance_start_fed / SAMPLE_RATE
         if self._finalize_due():
+            if split_leading_marks(raw)[0]:
+                self._engine.stats.late_marks += 1
             request = self._finalize_queue.popleft()
             end = request.fed_samples / SAMPLE_RATE
             results.append(Final(text, language, start, end, tuple(token_ids),
@@ -255,14 +260,17 @@ class Stream:
             self._finalized_fed = stepped
 
     def _text_and_language(self, raw: str) -> tuple[str, str | None]:
-        """Text and language of the utterance so far: the language is its LAST `<xx-YY>` tag."""
+        """Text and language of the utterance so far.
+
+        Closing punctuation and tags before the first word are the previous utterance's (its Final already
+        has them, from its trailing context) and are dropped. The language is the stream's fixed one, else
+        the utterance's LAST `<xx-YY>` tag, else None: never a tag of an earlier utterance."""
+        _, raw = split_leading_marks(raw)
         clean, tags = split_language_tags(raw)
-        if tags:
-            self._last_detected = tags[-1]
         if self.language != "auto":
             language = self.language
         else:
-            language = tags[-1] if tags else self._last_detected
+            language = tags[-1] if tags else None
         text = clean if self._engine.strip_language_tags else " ".join(raw.split())
         return text, language
 
