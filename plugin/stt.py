@@ -81,6 +81,8 @@ class NemotronSTTService(STTService):
         max_streams: slots of the shared engine, if this service is the one that creates it (another
             value than the existing engine's is an error).
         threads: CPU threads of the shared engine it creates (default: `engine.default_threads()`).
+        final_context_ms: trailing silence the shared engine it creates gives each Final, so the model writes
+            the terminal punctuation and the language tag (default 320 ms; 0 for the lowest time to final).
         ttfs_p99_latency: override the measured default for this chunk size (measured on a 2-core CPU; pass
             your own on a GPU).
         settings: `NemotronSTTSettings` overrides.
@@ -92,7 +94,8 @@ class NemotronSTTService(STTService):
     def __init__(self, *, model: str = DEFAULT_MODEL, chunk_ms: int = 160, language: Language | None = None,
                  device: str = "auto", strip_language_tags: bool = True, interim_results: bool = True,
                  engine: Engine | None = None, reservation: StreamReservation | None = None,
-                 max_streams: int | None = None, threads: int | None = None, ttfs_p99_latency: float | None = None,
+                 max_streams: int | None = None, threads: int | None = None, final_context_ms: int | None = None,
+                 ttfs_p99_latency: float | None = None,
                  settings: NemotronSTTSettings | None = None, **kwargs):
         default_settings = self.Settings(model=str(model if engine is None else engine.model_name),
                                          language=language_to_locale(language) if language else None)
@@ -113,6 +116,7 @@ class NemotronSTTService(STTService):
         self._reservation = reservation
         self._max_streams = max_streams
         self._threads = threads
+        self._final_context_ms = final_context_ms
         self._stream = None
         self._reader: asyncio.Task | None = None
         self._failures = 0  # stream failures since the last Final
@@ -132,10 +136,13 @@ class NemotronSTTService(STTService):
 
     @classmethod
     async def preload(cls, *, model: str = DEFAULT_MODEL, chunk_ms: int = 160, device: str = "auto",
-                      max_streams: int = 64, threads: int | None = None) -> Engine:
+                      max_streams: int = 64, threads: int | None = None,
+                      final_context_ms: int | None = None) -> Engine:
         """Load the shared engine and run one warm-up utterance before calls arrive (servers: call at start-up);
         the engine is also the admission (`try_reserve()`) a transport asks before answering a call."""
         options = {"threads": threads} if threads else {}
+        if final_context_ms is not None:
+            options["final_context_ms"] = final_context_ms
         engine = await Engine.shared(model=model, chunk_ms=chunk_ms, device=device, max_streams=max_streams,
                                      **options).ready()
         await engine.warm_up()
@@ -205,6 +212,8 @@ class NemotronSTTService(STTService):
             options["max_streams"] = self._max_streams
         if self._threads is not None:
             options["threads"] = self._threads
+        if self._final_context_ms is not None:
+            options["final_context_ms"] = self._final_context_ms
         return options
 
     async def _flush_last_utterance(self):

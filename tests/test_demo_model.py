@@ -46,7 +46,7 @@ def rows():
 
 @pytest.fixture(scope="module")
 def demo_engine():
-    engine = Engine(model="demo", chunk_ms=160, device="cpu", max_streams=64)
+    engine = Engine(model="demo", chunk_ms=160, device="cpu", max_streams=64, max_admission_lag_s=None)  # batch feeds
     engine.wait_ready()
     yield engine
     engine.close()

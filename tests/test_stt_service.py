@@ -338,3 +338,21 @@ async def test_a_stalled_engine_is_given_up_on_with_the_untranscribed_seconds_lo
     assert waited < 30
     await asyncio.sleep(0.05)
     assert engine.open_streams == 0
+
+
+async def test_a_pause_in_the_audio_s_arrival_does_not_change_what_the_engine_hears(engine):
+    """Frames that come late (a busy event loop, network jitter, a fast replay) are the same audio: the resampler
+    is not reset by the wall clock (Pipecat's default drops its filter history after 0.2 s without audio)."""
+    audio = resample_float(speechlike(1.4, seed=8), 8000)
+    heard = []
+    for pause in (0.0, 0.35):
+        spy = FeedSpy(engine)
+        frames = pcm_frames(audio, 8000)
+        middle = len(frames) // 2
+        stt = NemotronSTTService(engine=engine, language=Language.EN_US)
+        await run_test(stt, frames_to_send=[VADUserStartedSpeakingFrame(start_secs=0.2), *frames[:middle],
+                                            SleepFrame(sleep=pause), *frames[middle:],
+                                            VADUserStoppedSpeakingFrame(stop_secs=0.2), SleepFrame(sleep=0.3)],
+                       pipeline_params=PipelineParams(audio_in_sample_rate=8000))
+        heard.append(spy.audio)
+    assert len(heard[0]) == len(heard[1]) and np.array_equal(heard[0], heard[1])

@@ -40,7 +40,7 @@ from .tail import TailSource, chunks_for, step_silence
 
 logger = logging.getLogger("pipecat_nemotron.engine")
 
-DEFAULT_FINAL_CONTEXT_MS = 480
+DEFAULT_FINAL_CONTEXT_MS = 320
 
 _registry: dict[tuple, "Engine"] = {}
 _registry_lock = threading.Lock()
