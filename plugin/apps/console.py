@@ -12,7 +12,7 @@ import warnings
 # telemetry (one-logger: "OneLogger: Setting error_handling_strategy ...", "No exporters were provided ..."),
 # Lightning's tips, and NeMo's own import chatter.
 NOISY_LOGGERS = ("nv_one_logger", "one_logger", "lightning", "lightning.pytorch", "pytorch_lightning",
-                 "lightning_fabric", "nemo_logger", "megatron", "numba", "urllib3")
+                 "lightning_fabric", "megatron", "numba", "urllib3")
 
 
 def quiet_third_party() -> None:
