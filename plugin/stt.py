@@ -13,7 +13,6 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from loguru import logger
-from pipecat.audio.utils import create_stream_resampler
 from pipecat.frames.frames import (CancelFrame, EndFrame, ErrorFrame, Frame, InterimTranscriptionFrame, StartFrame,
                                    TranscriptionFrame, VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame)
 from pipecat.processors.frame_processor import FrameDirection
@@ -28,23 +27,27 @@ from .engine import (DEFAULT_MODEL, AudioFormatError, BacklogError, Engine, Fina
                      StreamReservation)
 from .engine.loader import SAMPLE_RATE
 from .languages import AUTO, language_to_locale, locale_to_language
+from .resampler import DeterministicStreamResampler
 
 # Pipecat's ttfs_p99_latency: p99 from the end of speech to the final, by chunk size = the VAD's stop_secs (0.2 s)
 # + the p99 of VAD stop -> final measured by benchmarks/ttfs.py on a 2-core CPU, no GPU (benchmarks/results/):
 # the 0.6B architecture, one stream caught up (ttfs_0.6b_cpu.md), and the demo model with 16 live streams
-# (ttfs_demo.md). On a GPU pass your own measurement. The service always finalizes on VAD stop, which ends
-# Pipecat's wait early; this figure is only its safety net.
+# (ttfs_demo.md), both with the default trailing context of each Final (320 ms). On a GPU pass your own
+# measurement. The service always finalizes on VAD stop, which ends Pipecat's wait early; this is its safety net.
 VAD_STOP_SECS = 0.2
-TTFS_P99_BY_CHUNK_MS = {80: VAD_STOP_SECS + 1.08, 160: VAD_STOP_SECS + 1.59, 320: VAD_STOP_SECS + 1.77,
-                        560: VAD_STOP_SECS + 2.40, 1120: VAD_STOP_SECS + 3.49}
-DEMO_TTFS_P99_BY_CHUNK_MS = {80: VAD_STOP_SECS + 0.38, 160: VAD_STOP_SECS + 0.15, 320: VAD_STOP_SECS + 0.21,
-                             560: VAD_STOP_SECS + 0.21, 1120: VAD_STOP_SECS + 0.19}
+TTFS_P99_BY_CHUNK_MS = {80: VAD_STOP_SECS + 1.69, 160: VAD_STOP_SECS + 1.58, 320: VAD_STOP_SECS + 1.35,
+                        560: VAD_STOP_SECS + 1.99, 1120: VAD_STOP_SECS + 3.82}
+DEMO_TTFS_P99_BY_CHUNK_MS = {80: VAD_STOP_SECS + 0.06, 160: VAD_STOP_SECS + 0.04, 320: VAD_STOP_SECS + 0.03,
+                             560: VAD_STOP_SECS + 0.03, 1120: VAD_STOP_SECS + 0.05}
 # On EndFrame the finals still being computed are awaited for the time the engine's backlog needs
 # (Stream.seconds_to_drain) times this safety factor plus a margin; while the stream still makes
 # progress the wait is extended, up to END_FLUSH_MAX_S in all. What is left then is logged in seconds.
 END_FLUSH_FACTOR = 2.0
 END_FLUSH_MARGIN_S = 2.0
 END_FLUSH_MAX_S = 120.0
+# While the model is still loading (no `preload()`), this much of the caller's audio is kept and transcribed once
+# it is ready; beyond it the oldest audio is dropped, and both are said once in the log.
+LOADING_BUFFER_S = 20.0
 # A failed engine stream is replaced at the next utterance this many times in a row; then the
 # service gives up with a fatal error (a Final resets the count).
 MAX_STREAM_RESTARTS = 3
@@ -123,16 +126,19 @@ class NemotronSTTService(STTService):
         self._reopen_pending = False
         self._dropped_s = 0.0  # audio received while no stream was open
         self._backlog_reported = False
-        # Never cleared by the wall clock: Pipecat's default drops the filter's history after 0.2 s without
-        # audio, so a busy event loop (or a fast file replay) changed what the engine heard run to run. The
-        # utterance's tail is flushed at finalize instead (`_finalize_utterance`).
-        self._resampler = create_stream_resampler(clear_after_secs=None)
+        # Pipecat's stream resampler dithers its int16 output and clears its filter by the wall clock, so the same
+        # call gave different audio run to run (resampler.py); the utterance's tail is flushed at finalize.
+        self._resampler = DeterministicStreamResampler()
         self._last_interim = ""
         self._vad_seen = False  # STTService keeps _user_speaking from the same VAD frames
         self._audio_since_finalize = False
         self._finals_pending = 0
         self._no_final_pending = asyncio.Event()
         self._no_final_pending.set()
+        self._loading: asyncio.Task | None = None  # opens the stream once the engine has loaded
+        self._held: list[bytes | None] = []  # 16 kHz audio (None: a finalize) received while loading
+        self._held_s = 0.0
+        self._held_dropped_s = 0.0
 
     @classmethod
     async def preload(cls, *, model: str = DEFAULT_MODEL, chunk_ms: int = 160, device: str = "auto",
@@ -167,14 +173,18 @@ class NemotronSTTService(STTService):
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self, frame: StartFrame):
         await super().start(frame)
-        try:
-            await self._open_stream()
-        except (NemotronEngineError, ValueError) as error:
-            await self.push_error(error_msg=f"Nemotron STT could not start: {error}", exception=error,
-                                  force_treat_as_permanent=True)
+        if self._engine_ready():
+            await self._start_stream()
+            return
+        # the model is still loading: hold the caller's audio (bounded) instead of holding up the pipeline
+        logger.warning(f"{self}: the model is still loading; holding up to {LOADING_BUFFER_S:.0f} s of audio until "
+                       "it is ready (call `await NemotronSTTService.preload(...)` at start-up to avoid the wait)")
+        self._loading = self.create_task(self._start_stream(), name="nemotron_stt_loading")
 
     async def stop(self, frame: EndFrame):
         try:
+            if self._loading is not None:
+                await self._loading  # a call shorter than the load: its audio is still transcribed
             await self._flush_last_utterance()
             await super().stop(frame)
         finally:
@@ -184,7 +194,50 @@ class NemotronSTTService(STTService):
         try:
             await super().cancel(frame)
         finally:
+            if self._loading is not None:
+                loading, self._loading = self._loading, None
+                await self.cancel_task(loading)
             await self._close_stream(release=True)
+
+    def _engine_ready(self) -> bool:
+        engine = self._engine if self._engine is not None else Engine.existing(
+            model=self._model_source, chunk_ms=self._chunk_ms, device=self._device)
+        return engine is not None and engine.health != "loading"
+
+    async def _start_stream(self):
+        """Open the call's stream (awaiting the model), then hand it the audio and finalizes held meanwhile."""
+        try:
+            await self._open_stream()
+        except (NemotronEngineError, ValueError) as error:
+            self._held, self._held_s = [], 0.0
+            await self.push_error(error_msg=f"Nemotron STT could not start: {error}", exception=error,
+                                  force_treat_as_permanent=True)
+            return
+        finally:
+            self._loading = None
+        held, self._held = self._held, []
+        if held:
+            logger.info(f"{self}: the model is ready; transcribing the {self._held_s:.1f} s of audio held meanwhile"
+                        + (f" ({self._held_dropped_s:.1f} s more were dropped)" if self._held_dropped_s else ""))
+        self._held_s = 0.0
+        stream = self._stream
+        try:
+            for item in held:  # counted in _finals_pending when they came
+                stream.finalize() if item is None else stream.feed(item)
+        except NemotronEngineError as error:
+            await self._stream_failed(stream, error)
+
+    def _hold(self, audio: bytes) -> None:
+        self._held.append(audio)
+        self._held_s += len(audio) / 2 / SAMPLE_RATE
+        while self._held_s > LOADING_BUFFER_S and any(item is not None for item in self._held):
+            index = next(i for i, item in enumerate(self._held) if item is not None)
+            dropped = self._held.pop(index)
+            self._held_s -= len(dropped) / 2 / SAMPLE_RATE
+            if not self._held_dropped_s:
+                logger.warning(f"{self}: the model is still loading after {LOADING_BUFFER_S:.0f} s of audio; "
+                               "dropping the oldest")
+            self._held_dropped_s += len(dropped) / 2 / SAMPLE_RATE
 
     async def _open_stream(self):
         """Open the engine stream of this call on its reservation (taken now if the transport gave none)."""
@@ -253,6 +306,13 @@ class NemotronSTTService(STTService):
     # ---- audio in ----------------------------------------------------------------------------
     async def run_stt(self, audio: bytes) -> AsyncGenerator[Frame | None, None]:
         """Queue audio on the engine; results arrive on their own task."""
+        if self._loading is not None:
+            if self.sample_rate != SAMPLE_RATE:
+                audio = await self._resampler.resample(audio, self.sample_rate, SAMPLE_RATE)
+            self._hold(audio)
+            self._audio_since_finalize = True
+            yield None
+            return
         if self._stream is None and self._reopen_pending and not self._vad_seen:
             await self._reopen()  # no VAD in the pipeline: the next audio starts the next utterance
         if self._stream is None:
@@ -290,6 +350,12 @@ class NemotronSTTService(STTService):
             await self._finalize_utterance()
 
     async def _finalize_utterance(self):
+        if self._loading is not None:  # the end of an utterance that came while the model loaded
+            if self.sample_rate != SAMPLE_RATE:
+                self._hold(await self._resampler.flush())
+            self._held.append(None)
+            self._count_finalize()
+            return
         if self._stream is None:
             return
         stream = self._stream
@@ -301,6 +367,9 @@ class NemotronSTTService(STTService):
         except NemotronEngineError as error:
             await self._stream_failed(stream, error)
             return
+        self._count_finalize()
+
+    def _count_finalize(self):
         self._audio_since_finalize = False
         self._backlog_reported = False
         self._finals_pending += 1

@@ -341,8 +341,9 @@ async def test_a_stalled_engine_is_given_up_on_with_the_untranscribed_seconds_lo
 
 
 async def test_a_pause_in_the_audio_s_arrival_does_not_change_what_the_engine_hears(engine):
-    """Frames that come late (a busy event loop, network jitter, a fast replay) are the same audio: the resampler
-    is not reset by the wall clock (Pipecat's default drops its filter history after 0.2 s without audio)."""
+    """Frames that come late (a busy event loop, network jitter, a fast replay) are the same audio, bit for bit: the
+    resampler is not reset by the wall clock (Pipecat's default drops its filter history after 0.2 s without audio)
+    and does not dither (Pipecat's libsoxr int16 output adds random ±1-2 LSB, different every run)."""
     audio = resample_float(speechlike(1.4, seed=8), 8000)
     heard = []
     for pause in (0.0, 0.35):
@@ -356,3 +357,50 @@ async def test_a_pause_in_the_audio_s_arrival_does_not_change_what_the_engine_he
                        pipeline_params=PipelineParams(audio_in_sample_rate=8000))
         heard.append(spy.audio)
     assert len(heard[0]) == len(heard[1]) and np.array_equal(heard[0], heard[1])
+
+
+@pytest.mark.parametrize("buffer_s", [None, 0.81])
+async def test_audio_that_comes_while_the_model_loads_is_held_bounded_and_transcribed(engine, tiny_model, monkeypatch,
+                                                                                      buffer_s):
+    """Without preload(): the pipeline is not held up by the load (frames flow on at once), the caller's audio is
+    kept (at most LOADING_BUFFER_S, the oldest dropped first) and the first utterance is transcribed like any other."""
+    import pipecat_nemotron.engine.scheduler as scheduler
+    import pipecat_nemotron.stt as stt_module
+
+    original = scheduler.load_model
+    loaded_at = []
+
+    def slow_load(source, *, device):
+        time.sleep(1.5)
+        model = original(source, device=device)
+        loaded_at.append(time.monotonic())
+        return model
+
+    monkeypatch.setattr(scheduler, "load_model", slow_load)
+    if buffer_s is not None:
+        monkeypatch.setattr(stt_module, "LOADING_BUFFER_S", buffer_s)
+    audio = speechlike(1.6, seed=3)
+    seen = []
+
+    class Clock(FrameProcessor):
+        async def process_frame(self, frame, direction):
+            await super().process_frame(frame, direction)
+            if isinstance(frame, InputAudioRawFrame) and not seen:
+                seen.append(time.monotonic())
+            await self.push_frame(frame, direction)
+
+    stt = NemotronSTTService(model=tiny_model, chunk_ms=160, device="cpu", language=Language.EN_US, max_streams=2)
+    try:
+        down, _ = await run_test(Pipeline([stt, Clock()]), frames_to_send=utterance(audio, 16000, pause=2.0),
+                                 pipeline_params=PipelineParams(audio_in_sample_rate=16000))
+    finally:
+        if stt.engine is not None:
+            stt.engine.close()
+    assert seen and loaded_at and seen[0] < loaded_at[0], "audio should flow on while the model loads"
+    finals = [f for f in down if isinstance(f, TranscriptionFrame)]
+    assert len(finals) == 1 and finals[0].language == Language.EN_US
+    if buffer_s is None:
+        assert finals[0].text == (await engine_final(engine, audio)).text
+    else:  # only the newest 40 frames (0.8 s) were kept
+        kept = (await engine_final(engine, audio[-int(0.8 * 16000):])).text
+        assert finals[0].text == kept and finals[0].text != (await engine_final(engine, audio)).text

@@ -224,6 +224,14 @@ class Engine:
             _registry[key] = engine
             return engine
 
+    @classmethod
+    def existing(cls, *, model=DEFAULT_MODEL, chunk_ms: int = 160, device: str = "auto") -> "Engine | None":
+        """The process-wide engine for (model, chunk_ms, device) if one is loading or serving, else None."""
+        key = (model_name(model), chunk_ms, resolve_device(device))
+        with _registry_lock:
+            engine = _registry.get(key)
+        return engine if engine is not None and engine.alive_or_loading else None
+
     def _check_options(self, options: dict) -> None:
         conflicts = {name: (value, self._options.get(name, "?")) for name, value in options.items()
                      if name not in self._options or self._options[name] != value}
