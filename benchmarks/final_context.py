@@ -6,8 +6,8 @@ some of them at the pause inside them, e.g. after "Hallo, guten Morgen.") and on
 utterances with mixed languages and 0.35-1.2 s pauses. Per trailing context: finals with a tag, finals whose tag is
 wrong, untagged finals the old rule would have labelled with the previous final's (stale, wrong) language,
 utterances that began with the previous one's "." or tag (dropped from them since this change; before, they led the
-next Final's text), WER, and the time from the VAD stop frame to the Final (median, p90), which is what the context
-costs. The runs are reproducible (`--fast` paces by the engine's progress).
+next Final's text) and WER. The runs are reproducible (`--fast` paces by the engine's progress). What the context
+costs in time to final is measured in real time by `benchmarks/ttfs.py --final-context-ms 0,320`.
 
     python benchmarks/final_context.py --contexts 0,160,320,480,640
 """
@@ -125,22 +125,22 @@ def main() -> None:
             runs.append(asyncio.run(measure(context, items)))
             console.print(f"[dim]context {context} ms done in {time.perf_counter() - started:.0f} s[/]")
     header = ["trailing context", "held-out: finals tagged", "wrong tag", "stale (old rule)", "WER",
-              "calls: finals tagged", "wrong tag", "stale (old rule)", "WER", "began with previous mark",
-              "VAD stop -> Final median / p90 (ms)"]
+              "calls: finals tagged", "wrong tag", "stale (old rule)", "WER", "began with previous mark"]
     table = Table(*header, title="Finals' language tags by trailing context (demo model, 160 ms, auto, transcribe path)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         h, c = run["heldout"], run["calls"]
         label = "off" if not run["context_ms"] else f"{run['context_ms']} ms ({run['tail_chunks']} chunks)"
-        latencies = sorted([h["final_ms_median"], c["final_ms_median"]])
         cells = [label, f"{h['tagged']} / {h['finals']}", str(h["wrong_tag"]), str(h["stale_under_old_rule"]),
                  f"{h['wer']:.3f}", f"{c['tagged']} / {c['finals']}", str(c["wrong_tag"]),
-                 str(c["stale_under_old_rule"]), f"{c['wer']:.3f}", str(run["late_marks"]),
-                 f"{h['final_ms_median']:.0f} / {h['final_ms_p90']:.0f}"]
+                 str(c["stale_under_old_rule"]), f"{c['wer']:.3f}", str(run["late_marks"])]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     console.print(table)
     info = machine()
+    lines.append("\nA final counts as tagged when it carries a language; wrong tag: not the language of the utterance it "
+                 "overlaps most; stale (old rule): untagged, and the previous final's language (which the old rule "
+                 "reported) was wrong for it.")
     lines.append(f"\n{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['date']}; "
                  f"`python benchmarks/final_context.py --contexts {args.contexts}`")
     path = write_results(args.name, {"machine": info, "runs": runs}, "\n".join(lines))

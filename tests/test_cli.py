@@ -189,3 +189,15 @@ def test_model_languages_of_any_local_nemo(tiny_nemo):
     known = model_languages(str(tiny_nemo))
     assert known and "en-US" in known
     assert check_language("en-US", str(tiny_nemo)) == "en-US"
+
+
+def test_serve_webrtc_hands_its_threads_to_the_engine(monkeypatch):
+    from pipecat_nemotron.apps import webrtc_server
+
+    seen = {}
+    monkeypatch.setattr(webrtc_server, "run_webrtc_server", lambda **kwargs: seen.update(kwargs))
+    result = CliRunner().invoke(app, ["serve-webrtc", "--model", "demo", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert seen["threads"] == 1 and seen["model"] == "demo"
+    server = webrtc_server.WebRTCServer(model="demo", threads=1)
+    assert server.threads == 1

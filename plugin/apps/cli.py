@@ -102,8 +102,9 @@ def transcribe(
 
     try:
         with loading(console, f"{model} ({chunk_ms} ms chunks)"):
+            # a batch job: every file is admitted however far the engine runs behind (--fast floods it on purpose)
             engine = Engine.shared(model=model, chunk_ms=chunk_ms, device=device, max_streams=max(4, len(files)),
-                                   **({"threads": threads} if threads else {}))
+                                   max_admission_lag_s=None, **({"threads": threads} if threads else {}))
             engine.wait_ready()
         if locale != "auto" and locale not in engine.languages:
             raise NemotronEngineError(f"{model} has no prompt for {locale}; it knows {sorted(engine.languages)}")
@@ -165,6 +166,8 @@ def serve_webrtc(
     allow_remote: bool = typer.Option(False, "--allow-remote",
                                       help="listen on a non-loopback --host: anyone who reaches the port can use "
                                            "the model (and your LLM key); there is no authentication"),
+    threads: Optional[int] = typer.Option(None, min=1, show_default="CPUs - 1, at least 1",
+                                          help="CPU threads of the model"),
 ):
     """A browser page where a person talks and sees live transcripts (WebRTC, http://HOST:PORT/)."""
     from .console import quiet_third_party
@@ -179,7 +182,7 @@ def serve_webrtc(
     from .webrtc_server import run_webrtc_server
 
     run_webrtc_server(host=host, port=port, model=model, chunk_ms=chunk_ms, language=locale, device=device, llm=llm,
-                      allow_remote=allow_remote)
+                      allow_remote=allow_remote, threads=threads)
 
 
 @app.command("serve-sip")

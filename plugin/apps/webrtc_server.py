@@ -173,13 +173,14 @@ class WebRTCServer:
 
     def __init__(self, *, model: str = DEFAULT_MODEL, chunk_ms: int = 160, language: Language | None = None,
                  device: str = "auto", llm: LLMConfig | None = None, engine: Engine | None = None,
-                 vad_stop_secs: float = 0.4, max_sessions: int = 16):
+                 vad_stop_secs: float = 0.4, max_sessions: int = 16, threads: int | None = None):
         from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequestHandler
 
         self.model = model
         self.chunk_ms = chunk_ms
         self.language = language
         self.device = device
+        self.threads = threads
         self.llm = llm
         self.engine = engine
         self.vad_stop_secs = vad_stop_secs
@@ -197,7 +198,8 @@ class WebRTCServer:
         """Load the model (once) before the first call."""
         if self.engine is None:
             self.engine = Engine.shared(model=self.model, chunk_ms=self.chunk_ms, device=self.device,
-                                        max_streams=self.max_sessions)
+                                        max_streams=self.max_sessions,
+                                        **({"threads": self.threads} if self.threads else {}))
         await self.engine.ready()
         if self.language is not None:
             from ..languages import language_to_locale
@@ -397,7 +399,7 @@ def allow_loopback_ice_candidates() -> None:
 
 async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT_MODEL, chunk_ms: int = 160,
                        language: Language | str | None = None, device: str = "auto", llm: bool | None = None,
-                       allow_remote: bool = False) -> None:
+                       allow_remote: bool = False, threads: int | None = None) -> None:
     """Serve the browser page and WebRTC calls until interrupted.
 
     Args (keyword-only):
@@ -408,6 +410,7 @@ async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str 
         device: "auto", "cpu" or "cuda".
         llm: None = answer with an LLM when `NEMOTRON_LLM_API_KEY`/`OPENAI_API_KEY` is set; False = never;
             True = require one (error when no key is set).
+        threads: CPU threads of the model (default: one less than the CPUs, at least 1).
         allow_remote: required to listen on a non-loopback `host`: there is no authentication, so anyone who
             reaches the port could use the model and the LLM key (ValueError otherwise, before the model loads).
     """
@@ -424,7 +427,7 @@ async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str 
         logger.warning(f"serve-webrtc: listening on {host}, reachable by anyone who can reach this port; "
                        "there is no authentication")
     server = WebRTCServer(model=model, chunk_ms=chunk_ms, language=_language(language), device=device,
-                          llm=_llm_config(llm))
+                          llm=_llm_config(llm), threads=threads)
     if _loopback(host):
         allow_loopback_ice_candidates()
     with loading(Console(stderr=True), f"{model} ({chunk_ms} ms chunks)"):
@@ -436,13 +439,13 @@ async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str 
 
 def run_webrtc_server(*, host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT_MODEL, chunk_ms: int = 160,
                       language: Language | str | None = None, device: str = "auto", llm: bool | None = None,
-                      allow_remote: bool = False) -> None:
+                      allow_remote: bool = False, threads: int | None = None) -> None:
     """Blocking wrapper of `serve_webrtc` (for the CLI and scripts); exits with status 2 on a setup error."""
     from ..engine import NemotronEngineError
 
     try:
         asyncio.run(serve_webrtc(host=host, port=port, model=model, chunk_ms=chunk_ms, language=language,
-                                 device=device, llm=llm, allow_remote=allow_remote))
+                                 device=device, llm=llm, allow_remote=allow_remote, threads=threads))
     except KeyboardInterrupt:
         pass
     except (NemotronEngineError, ValueError) as error:
