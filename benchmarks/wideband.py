@@ -4,11 +4,11 @@ Fresh espeak-ng sentences of the demo grammar with the held-out voice variants (
 set's treatment (lead/trail silence, gain, white noise at 25-40 dB SNR), then sent to the engine four ways:
 
 - `16k direct`: the 16 kHz float audio, fed straight to the engine (no resampler anywhere);
-- `48k via service resampler`: upsampled offline to 48 kHz, then through Pipecat's stream resampler (SOXR VHQ, as
-  `NemotronSTTService` uses it, 20 ms frames) back to 16 kHz: our WebRTC path;
+- `48k via service resampler`: upsampled offline to 48 kHz, then through the service's stream resampler (libsoxr VHQ,
+  `pipecat_nemotron.resampler`, 20 ms frames) back to 16 kHz: our WebRTC path;
 - `16k band-limited`: the 16 kHz audio low-passed at 3.4 kHz (no μ-law): the telephony band without its coding;
 - `8k μ-law via service resampler`: the test set's telephony path (anti-aliased 8 kHz, G.711 μ-law), decoded and
-  resampled to 16 kHz by Pipecat's stream resampler: our phone path.
+  resampled to 16 kHz by the service's stream resampler: our phone path.
 
 If `16k direct` is as bad as the 48 kHz path, the gap is the model (trained mostly on telephony-band audio), not the
 resampler. Needs `espeak-ng` (tools/demo_model/setup.sh installs it).
@@ -37,15 +37,15 @@ from tools.demo_model.calls import word_errors  # noqa: E402
 from tools.demo_model.grammar import sample_text  # noqa: E402
 from tools.demo_model.synth import ESPEAK_VOICE, HELDOUT_VARIANTS  # noqa: E402
 
-from pipecat.audio.utils import create_stream_resampler  # noqa: E402
 from pipecat_nemotron.engine import Engine, Final  # noqa: E402
+from pipecat_nemotron.resampler import DeterministicStreamResampler  # noqa: E402
 
 SR = 16000
 LANGUAGES = ["en-US", "es-ES", "de-DE"]
 console = Console(width=160)
 
 
-def render(per_language: int, seed: int) -> list[dict]:
+def render(per_language: int, seed: int, noise: bool = True) -> list[dict]:
     rng = random.Random(seed)
     nprng = np.random.default_rng(seed)
     items = []
@@ -57,13 +57,14 @@ def render(per_language: int, seed: int) -> list[dict]:
             x = np.concatenate([np.zeros(int(0.15 * SR), np.float32), x, np.zeros(int(0.3 * SR), np.float32)])
             x = x * (nprng.uniform(0.2, 0.8) / (np.max(np.abs(x)) + 1e-6))
             power = float(np.mean(x ** 2))
-            x = x + nprng.standard_normal(len(x)).astype(np.float32) * np.sqrt(power / 10 ** (nprng.uniform(25, 40) / 10))
+            noise_gain = np.sqrt(power / 10 ** (nprng.uniform(25, 40) / 10)) if noise else 0.0
+            x = x + nprng.standard_normal(len(x)).astype(np.float32) * noise_gain
             items.append({"lang": lang, "text": text, "audio": x.astype(np.float32)})
     return items
 
 
 async def through_pipecat_resampler(pcm: np.ndarray, rate: int) -> np.ndarray:
-    resampler = create_stream_resampler(clear_after_secs=None)
+    resampler = DeterministicStreamResampler()  # what NemotronSTTService resamples with
     step = rate // 50
     out = [await resampler.resample(pcm[i:i + step].tobytes(), rate, SR) for i in range(0, len(pcm), step)]
     out.append(await resampler.flush())
@@ -120,12 +121,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-language", type=int, default=30)
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--clean", action="store_true", help="no added noise (espeak-ng's own silence is digital zero)")
     parser.add_argument("--name", default="wideband_demo")
     args = parser.parse_args()
-    items = render(args.per_language, args.seed)
+    items = render(args.per_language, args.seed, noise=not args.clean)
     scores = asyncio.run(run(items))
     header = ["audio path", *(f"{lang} WER given / auto" for lang in LANGUAGES), "tag right, auto (en/es/de)"]
-    table = Table(*header, title=f"Demo model on {args.per_language} unseen-voice utterances per language, 160 ms")
+    condition = "no added noise" if args.clean else "white noise at 25-40 dB SNR"
+    table = Table(*header, title=f"Demo model, {args.per_language} unseen-voice utterances per language, {condition}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, by_prompt in scores.items():
         cells = [name, *(f"{by_prompt['given'][lang]['wer']:.1%} / {by_prompt['auto'][lang]['wer']:.1%}"
@@ -135,8 +138,9 @@ def main() -> None:
         lines.append("| " + " | ".join(cells) + " |")
     console.print(table)
     info = machine()
-    lines.append(f"\n{info['cpu']}, {info['cores']} cores, {info['date']}; "
-                 f"`python benchmarks/wideband.py --per-language {args.per_language} --seed {args.seed}`")
+    lines.insert(0, f"Demo model at 160 ms, {args.per_language} unseen-voice utterances per language, {condition}.\n")
+    lines.append(f"\n{info['cpu']}, {info['cores']} cores, {info['date']}; `python benchmarks/wideband.py "
+                 f"--per-language {args.per_language} --seed {args.seed}{' --clean' if args.clean else ''}`")
     console.print(f"written {write_results(args.name, {'machine': info, 'scores': scores}, chr(10).join(lines))}")
 
 

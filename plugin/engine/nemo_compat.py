@@ -31,6 +31,13 @@ import logging
 import torch
 
 
+# NeMo's training telemetry (one-logger) warns on every import that it is disabled and has no exporters: noise for
+# an inference engine. Its loggers are plain `logging` ones, quietened once (NeMo's own logger is left alone:
+# setting it re-levels every handler, pytest's capture included).
+for _name in ("nv_one_logger", "one_logger"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
 @contextlib.contextmanager
 def quiet_nemo_logging(level: int = logging.ERROR):
     """NeMo logs pages of config at INFO while building or restoring a model."""
