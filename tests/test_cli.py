@@ -201,3 +201,17 @@ def test_serve_webrtc_hands_its_threads_to_the_engine(monkeypatch):
     assert seen["threads"] == 1 and seen["model"] == "demo"
     server = webrtc_server.WebRTCServer(model="demo", threads=1)
     assert server.threads == 1
+
+
+def test_transcribe_into_a_closed_pipe_ends_at_once(mulaw_call, tmp_path):
+    """`transcribe … | head -1`: once the reader has gone the command ends cleanly, instead of stalling its pipeline."""
+    import subprocess
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("pipecat-nemotron")
+    files = " ".join([str(mulaw_call)] * 6)
+    result = subprocess.run(f"'{exe}' transcribe --model demo --fast --json {files} | head -1", shell=True,
+                            capture_output=True, text=True, timeout=100, executable="/bin/bash")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("\n") == 1 and result.stdout.startswith("{")
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr

@@ -6,6 +6,8 @@ is quick, and every option is checked (`options.py`) before the model loads.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -115,6 +117,13 @@ def transcribe(
                       f"{wav.channels} channel(s)[/]")
 
     def show_final(utterance):
+        try:
+            _show_final(utterance)
+        except BrokenPipeError:  # the reader went away (`| head`): stop like any Unix filter, not after a stall
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            os._exit(0)
+
+    def _show_final(utterance):
         if json_lines:
             out.print_json(json.dumps(utterance.as_dict(), ensure_ascii=False)) if out.is_terminal else \
                 print(json.dumps(utterance.as_dict(), ensure_ascii=False), flush=True)
