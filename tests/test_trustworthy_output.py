@@ -18,7 +18,7 @@ from pipecat_nemotron.engine import Engine, Final
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tools.demo_model.calls import HELDOUT, heldout_rows, make_calls  # noqa: E402
+from tools.demo_model.calls import HELDOUT, heldout_rows, make_calls, transcribe_call  # noqa: E402
 
 SR = 16000
 TAG = re.compile(r"<([a-z]{2}-[A-Z]{2})>")
@@ -76,22 +76,9 @@ def rows():
     return heldout_rows()
 
 
-async def run_call(engine, utterances: list[np.ndarray], *, language: str = "auto", pause_s: float = 0.5):
-    """Utterances on one stream, each cut 0.2 s after its audio (where a VAD stops), with a pause after."""
-    stream = engine.open_stream(language=language)
-    finals = []
-    try:
-        for audio in utterances:
-            stream.feed(np.concatenate([audio, np.zeros(int(0.2 * SR), np.float32)]))
-            stream.finalize()
-            async for result in stream:
-                if isinstance(result, Final):
-                    finals.append(result)
-                    break
-            stream.feed(np.zeros(int(pause_s * SR), np.float32))
-    finally:
-        stream.close()
-    return finals
+async def run_call(engine, utterances: list[np.ndarray], *, language: str = "auto"):
+    """Utterances on one stream, each cut 0.2 s after its audio (where a VAD stops), then a 0.6 s pause."""
+    return await transcribe_call(engine, [{"audio": audio} for audio in utterances], language)
 
 
 def check_rules(finals: list[Final], fixed: str | None) -> None:
