@@ -23,6 +23,9 @@ MODEL_HELP = "Hugging Face id, .nemo path, or 'demo' (the bundled demo model: en
 CHUNK_HELP = f"chunk size in ms: {', '.join(map(str, CHUNK_SIZES_MS))}"
 LANGUAGE_HELP = "a locale such as en-US (one of the model's 40; 'pipecat-nemotron languages'), or 'auto' to detect"
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+DRAIN_HELP = "on SIGTERM (or POST /drain): seconds live calls may go on before the server ends them"
+METRICS_PORT_HELP = "serve Prometheus /metrics, /healthz and POST /drain on this HTTP port"
+METRICS_HOST_HELP = "address of the metrics port (POST /drain has no authentication: keep it private)"
 
 
 def _checked(check):
@@ -104,9 +107,10 @@ def transcribe(
 
     try:
         with loading(console, f"{model} ({chunk_ms} ms chunks)"):
-            # a batch job: every file is admitted however far the engine runs behind (--fast floods it on purpose)
-            engine = Engine.shared(model=model, chunk_ms=chunk_ms, device=device, max_streams=max(4, len(files)),
-                                   max_admission_lag_s=None, **({"threads": threads} if threads else {}))
+            # its own engine, sized for the files: a batch job where every file is admitted however far the engine
+            # runs behind (--fast floods it on purpose); closed at the end
+            engine = Engine(model=model, chunk_ms=chunk_ms, device=device, max_streams=max(4, len(files)),
+                            max_admission_lag_s=None, **({"threads": threads} if threads else {}))
             engine.wait_ready()
         if locale != "auto" and locale not in engine.languages:
             raise NemotronEngineError(f"{model} has no prompt for {locale}; it knows {sorted(engine.languages)}")
@@ -177,6 +181,9 @@ def serve_webrtc(
                                            "the model (and your LLM key); there is no authentication"),
     threads: Optional[int] = typer.Option(None, min=1, show_default="CPUs - 1, at least 1",
                                           help="CPU threads of the model"),
+    drain_timeout: float = typer.Option(60.0, min=0, help=DRAIN_HELP),
+    metrics_port: Optional[int] = typer.Option(None, min=0, max=65535, show_default="off", help=METRICS_PORT_HELP),
+    metrics_host: str = typer.Option("127.0.0.1", help=METRICS_HOST_HELP),
 ):
     """A browser page where a person talks and sees live transcripts (WebRTC, http://HOST:PORT/)."""
     from .console import quiet_third_party
@@ -191,7 +198,8 @@ def serve_webrtc(
     from .webrtc_server import run_webrtc_server
 
     run_webrtc_server(host=host, port=port, model=model, chunk_ms=chunk_ms, language=locale, device=device, llm=llm,
-                      allow_remote=allow_remote, threads=threads)
+                      allow_remote=allow_remote, threads=threads, drain_timeout=drain_timeout,
+                      metrics_port=metrics_port, metrics_host=metrics_host)
 
 
 @app.command("serve-sip")
@@ -220,6 +228,9 @@ def serve_sip(
     greeting: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                             help="a short audio file played when a call starts"),
     output: str = typer.Option("-", help="JSON-lines file to append final transcripts to ('-': stdout)"),
+    drain_timeout: float = typer.Option(60.0, min=0, help=DRAIN_HELP),
+    metrics_port: Optional[int] = typer.Option(None, min=0, max=65535, show_default="off", help=METRICS_PORT_HELP),
+    metrics_host: str = typer.Option("127.0.0.1", help=METRICS_HOST_HELP),
 ):
     """Answer SIP calls directly (UDP/TCP) and write one JSON line per final transcript."""
     from .console import quiet_third_party
@@ -236,9 +247,9 @@ def serve_sip(
             "--device", device, "--max-call-secs", str(max_call_secs), "--retry-after", str(retry_after),
             "--sip-rate", str(sip_rate), "--tcp-max-connections", str(tcp_max_connections),
             "--tcp-max-per-source", str(tcp_max_per_source), "--tcp-idle-secs", str(tcp_idle_secs),
-            "--output", output]
+            "--output", output, "--drain-timeout", str(drain_timeout), "--metrics-host", metrics_host]
     for name, value in (("--advertise", advertise), ("--threads", threads), ("--max-calls", max_calls),
-                        ("--greeting", greeting)):
+                        ("--greeting", greeting), ("--metrics-port", metrics_port)):
         if value is not None:
             argv += [name, str(value)]
     for network in allow:
