@@ -47,6 +47,7 @@ def _size(message: SIPMessage) -> int:
 
 
 OnCall = Callable[[SIPCall], Awaitable[None]]
+OnRejected = Callable[[SIPRequest, Address, str], None]
 
 
 class SIPUserAgentServer:
@@ -55,11 +56,17 @@ class SIPUserAgentServer:
     ``on_call(call)`` runs as its own task once the 200 OK is sent; when it returns and the call is still
     up, the call is hung up. ``wire`` is injectable (tests pass a fake with ``send``, ``is_stream``,
     ``address``, ``start``, ``close``); the server sets its ``on_message`` and ``in_use`` hooks.
+
+    ``on_rejected(invite, source, reason)``, when set, is told of every new INVITE refused by the policy before
+    any call exists (for metrics): ``reason`` is ``"forbidden"`` (403), ``"call_limit"`` (503, ``max_calls``)
+    or the admission's ``refusal`` attribute when it has one (e.g. ``"draining"``), else ``"no_capacity"``.
     """
 
-    def __init__(self, *, config: SIPConfig, on_call: OnCall | None = None, wire: SIPWire | None = None):
+    def __init__(self, *, config: SIPConfig, on_call: OnCall | None = None, wire: SIPWire | None = None,
+                 on_rejected: OnRejected | None = None):
         self.config = config
         self.on_call = on_call
+        self.on_rejected = on_rejected
         self.wire = wire or SIPWire(config=config)
         self.wire.on_message = self.handle_message
         self.wire.in_use = self._carries_call
@@ -163,7 +170,7 @@ class SIPUserAgentServer:
             if request.method != "ACK":
                 self.responses.respond(request, source, 403)
                 if request.method == "INVITE":
-                    self._log_rejected(request, source, "rejected 403 (peer not allowed)")
+                    self._log_rejected(request, source, "rejected 403 (peer not allowed)", "forbidden")
             return
         required = [o for o in request.get_all("Require") if o.lower() not in SUPPORTED_EXTENSIONS]
         if required and request.method not in ("ACK", "CANCEL"):
@@ -177,9 +184,14 @@ class SIPUserAgentServer:
         else:
             self.responses.respond(request, source, 501)
 
-    def _log_rejected(self, request: SIPRequest, source: Address, outcome: str) -> None:
+    def _log_rejected(self, request: SIPRequest, source: Address, outcome: str, reason: str) -> None:
         caller = parse_address(request.get("From")).uri
         logger.info(f"call {request.call_id} from {caller} at {source[0]}:{source[1]}: {outcome}")
+        if self.on_rejected is not None:
+            try:
+                self.on_rejected(request, source, reason)
+            except Exception:
+                logger.exception("on_rejected failed")
 
     # --- INVITE ---------------------------------------------------------------------------------
 
@@ -192,12 +204,14 @@ class SIPUserAgentServer:
             return
         if self.active_calls >= self.config.max_calls:
             self.responses.respond(request, source, 503, reason="Service Unavailable (call limit reached)")
-            self._log_rejected(request, source, f"rejected 503 (call limit {self.config.max_calls})")
+            self._log_rejected(request, source, f"rejected 503 (call limit {self.config.max_calls})", "call_limit")
             return
         reservation = self._reserve()
         if self.config.admission is not None and reservation is None:
-            self.responses.respond(request, source, 503, reason="Service Unavailable (no capacity)")
-            self._log_rejected(request, source, "rejected 503 (admission: no capacity)")
+            why = str(getattr(self.config.admission, "refusal", None) or "no_capacity")
+            said = why.replace("_", " ")
+            self.responses.respond(request, source, 503, reason=f"Service Unavailable ({said})")
+            self._log_rejected(request, source, f"rejected 503 (admission: {said})", why)
             return
         try:
             self.responses.respond(request, source, 100)

@@ -125,6 +125,11 @@ class SIPWire:
         self._per_source: dict[str, int] = {}
         self._limiter = SourceRateLimiter(rate=config.udp_rate_per_source, burst=config.udp_burst_per_source)
 
+    @property
+    def rate_limited(self) -> int:
+        """SIP messages dropped so far by the per-source rate limit (for metrics)."""
+        return self._limiter.dropped
+
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> Address:
