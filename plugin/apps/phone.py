@@ -12,6 +12,11 @@ FreeSWITCH / Kamailio: route to ``sip:transcriber@HOST:PORT``). Per call the pip
 Every call shares one engine (loaded at start-up, so calls are batched into one model step). The JSON line has the
 call id, caller, language, text and times; the server logs one line per call with its outcome. ``--greeting``
 plays a short WAV to the caller when the call starts (no TTS needed).
+
+SIGTERM (or ``POST /drain`` on ``--metrics-port``) drains the server (``drain.py``): new INVITEs get 503 +
+Retry-After and OPTIONS 503, live calls go on for up to ``--drain-timeout`` seconds, the rest get a BYE with their
+last finals still written, and the process exits 0. ``--metrics-port`` serves Prometheus ``/metrics`` and
+``/healthz`` (``metrics.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import asyncio
 import json
 import sys
 from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -35,6 +41,9 @@ from pipecat.workers.runner import WorkerRunner
 
 from ..transports.sip import SIPCall, SIPCallTransport, SIPConfig, SIPServer
 from ..transports.sip.config import PRIVATE_NETWORKS, allowed_peers_for
+from ..transports.sip.uas import SIPUserAgentServer
+from .drain import DEFAULT_DRAIN_TIMEOUT_S, Drain, DrainingAdmission
+from .metrics import REFUSAL_REASONS, AdminServer, ServerMetrics
 
 OUTPUT_CHUNK_SAMPLES = 320  # pipecat's output sends whole 40 ms chunks at 8 kHz: pad the greeting to that
 
@@ -63,18 +72,25 @@ def default_max_calls(model: str, device: str) -> tuple[int, str]:
 
 
 class TranscriptWriter(FrameProcessor):
-    """Writes one JSON line per final ``TranscriptionFrame`` of a call, then passes every frame on."""
+    """Writes one JSON line per final ``TranscriptionFrame`` of a call, then passes every frame on.
 
-    def __init__(self, *, call: SIPCall, out: IO[str]):
+    ``on_final(latency_s)`` is told of every final, empty ones too (the metrics' VAD stop → final histogram).
+    """
+
+    def __init__(self, *, call: SIPCall, out: IO[str], on_final: Callable[[float | None], None] | None = None):
         super().__init__()
         self._call = call
         self._out = out
+        self._on_final = on_final
         self.lines = 0
 
     async def process_frame(self, frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
-        if isinstance(frame, TranscriptionFrame) and frame.text.strip():
-            self._write(frame)
+        if isinstance(frame, TranscriptionFrame):
+            if frame.text.strip():
+                self._write(frame)
+            if self._on_final is not None:
+                self._on_final(getattr(frame.result, "latency_s", None))
         await self.push_frame(frame, direction)
 
     def _write(self, frame: TranscriptionFrame) -> None:
@@ -113,11 +129,12 @@ def load_greeting(path: str | Path) -> OutputAudioRawFrame:
 
 
 async def run_call(call: SIPCall, *, stt: FrameProcessor, out: IO[str], greeting: OutputAudioRawFrame | None = None,
-                   vad_stop_secs: float = 0.3) -> TranscriptWriter:
+                   vad_stop_secs: float = 0.3, on_final: Callable[[float | None], None] | None = None
+                   ) -> TranscriptWriter:
     """Run one call's pipeline until either side hangs up."""
     transport = SIPCallTransport(call=call)
     vad = VADProcessor(vad_analyzer=_vad_analyzer(vad_stop_secs), audio_idle_timeout=0)
-    writer = TranscriptWriter(call=call, out=out)
+    writer = TranscriptWriter(call=call, out=out, on_final=on_final)
     worker = PipelineWorker(Pipeline([transport.input(), vad, stt, writer, transport.output()]),
                             params=PipelineParams(audio_in_sample_rate=8000, audio_out_sample_rate=8000),
                             idle_timeout_secs=None, enable_rtvi=False)
@@ -152,13 +169,27 @@ def make_stt(args: argparse.Namespace, *, engine=None, reservation=None):
 
 
 async def serve(args: argparse.Namespace, *, stt_factory=None, out: IO[str] | None = None,
-                ready: asyncio.Event | None = None) -> None:
-    """Load the model, then answer calls until cancelled."""
+                ready: asyncio.Event | None = None, drain: Drain | None = None, handle_signals: bool = False) -> None:
+    """Load the model, then answer calls until cancelled or drained (``drain``, started by SIGTERM when
+    ``handle_signals``, or by ``POST /drain`` on ``--metrics-port``); returns once drained."""
+    drain = drain or Drain(timeout_s=getattr(args, "drain_timeout", DEFAULT_DRAIN_TIMEOUT_S))
+    drain.bind()
+    if handle_signals:  # before the load: a SIGTERM while loading drains a server with no calls, i.e. exits
+        drain.install_signal_handlers()
+    try:
+        await _serve(args, stt_factory=stt_factory, out=out, ready=ready, drain=drain)
+    finally:
+        if handle_signals:
+            drain.remove_signal_handlers()
+
+
+async def _serve(args: argparse.Namespace, *, stt_factory, out: IO[str] | None, ready: asyncio.Event | None,
+                 drain: Drain) -> None:
     out = out or (sys.stdout if args.output == "-" else open(args.output, "a", encoding="utf-8"))
     if args.max_calls is None:
         args.max_calls, source = default_max_calls(args.model, args.device)
         logger.info(f"--max-calls {args.max_calls}: {source}")
-    admission = None
+    engine = None
     if stt_factory is None:
         from ..stt import NemotronSTTService
 
@@ -171,12 +202,24 @@ async def serve(args: argparse.Namespace, *, stt_factory=None, out: IO[str] | No
                                                       max_streams=max(args.max_calls, 1), threads=args.threads)
         # One capacity truth: the SIP server reserves an engine stream before it answers (503 + Retry-After
         # when none is free, OPTIONS 503 while full); the call's STT service runs on that reservation.
-        admission = engine
         stt_factory = lambda call: make_stt(args, engine=engine, reservation=call.reservation)  # noqa: E731
+    # ... and refuses every new call while draining, through the same path (INVITE 503 + Retry-After, OPTIONS 503)
+    admission = DrainingAdmission(drain=drain, engine=engine)
     greeting = load_greeting(args.greeting) if args.greeting else None
+    server: SIPServer | None = None
+    metrics = ServerMetrics(drain=drain, engine=lambda: engine,
+                            rate_limited=lambda: server.uas.wire.rate_limited if server is not None else 0)
+    calls = metrics.calls
 
     async def on_call(call: SIPCall):
-        await run_call(call, stt=stt_factory(call), out=out, greeting=greeting)
+        calls.answered()
+        try:
+            await run_call(call, stt=stt_factory(call), out=out, greeting=greeting, on_final=calls.final)
+        finally:
+            calls.ended(call.outcome or "application finished")
+
+    def on_rejected(_invite, _source, reason: str) -> None:
+        calls.refused(reason if reason in REFUSAL_REASONS else "capacity")
 
     allowed = allowed_peers_for(args.allow)
     if allowed == PRIVATE_NETWORKS:
@@ -191,11 +234,55 @@ async def serve(args: argparse.Namespace, *, stt_factory=None, out: IO[str] | No
                        tcp_max_connections=args.tcp_max_connections, tcp_max_per_source=args.tcp_max_per_source,
                        tcp_idle_secs=args.tcp_idle_secs)
     server = SIPServer(on_call=on_call, config=config)
-    host, port = await server.start()
-    logger.info(f"phone transcriber on sip:transcriber@{host}:{port} (max {args.max_calls} calls)")
-    if ready is not None:
-        ready.set()
-    await server.serve_forever()
+    server.uas.on_rejected = on_rejected
+    admin = None
+    catch_up = None
+    try:
+        if getattr(args, "metrics_port", None) is not None:
+            admin = AdminServer(metrics=metrics, drain=drain, host=args.metrics_host, port=args.metrics_port)
+            admin.start()
+            catch_up = asyncio.ensure_future(_catch_up(metrics))
+        host, port = await server.start()
+        metrics.status.listening = True
+        logger.info(f"phone transcriber on sip:transcriber@{host}:{port} (max {args.max_calls} calls)")
+        if ready is not None:
+            ready.set()
+        await drain.requested()
+        await drain_calls(server.uas, drain)
+    finally:
+        metrics.status.listening = False
+        await server.stop()
+        if catch_up is not None:
+            catch_up.cancel()
+        if admin is not None:
+            await asyncio.to_thread(admin.close)
+
+
+async def _catch_up(metrics: ServerMetrics) -> None:
+    """Feed every engine step into the step histograms (the engine keeps only a window of recent steps)."""
+    while True:
+        await asyncio.sleep(1.0)
+        metrics.engine.catch_up()
+
+
+async def drain_calls(uas: SIPUserAgentServer, drain: Drain) -> None:
+    """Let the live calls finish (up to the drain timeout, or until a second SIGTERM), then hang up the rest with a
+    BYE; their pipelines end gracefully, so their last finals are still written. Returns when every call's
+    application has finished (at most `client_session.GRACEFUL_END_S` after the BYEs)."""
+    from .client_session import GRACEFUL_END_S
+
+    live = uas.active_calls
+    logger.info(f"drain: {live} call(s) live" + (f"; waiting up to {drain.timeout_s:g} s for them" if live else ""))
+    if not await drain.wait_for(lambda: uas.active_calls == 0):
+        remaining = uas.dialogs.active
+        logger.info(f"drain: hanging up {len(remaining)} call(s) still up (BYE); their last words are still "
+                    "transcribed")
+        for call in remaining:
+            call.confirmed.set()  # no waiting for an outstanding ACK
+            await uas.hangup(call, "drain timeout")
+        if not await drain.wait_until(lambda: uas.active_calls == 0, GRACEFUL_END_S):
+            logger.warning(f"drain: {uas.active_calls} call(s) still finishing after {GRACEFUL_END_S:g} s; stopping")
+    logger.info("drain: done")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -224,6 +311,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tcp-idle-secs", type=float, default=120.0, help="close an idle SIP TCP connection")
     parser.add_argument("--greeting", default=None, help="a short WAV played when a call starts")
     parser.add_argument("--output", default="-", help="JSON-lines file to append to ('-': stdout)")
+    parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
+                        help="on SIGTERM (or POST /drain): seconds live calls may go on before they get a BYE")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus /metrics, /healthz and POST /drain on this HTTP port (default: off)")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address of the metrics port (POST /drain has no authentication)")
     return parser.parse_args(argv)
 
 
@@ -243,6 +336,10 @@ def check_args(args: argparse.Namespace) -> None:
     options.check_device(args.device)
     args.language = options.check_language(args.language or "auto", args.model)
     allowed_peers_for(args.allow)
+    if args.drain_timeout < 0:
+        raise ValueError("--drain-timeout must be 0 or more seconds")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise ValueError("--metrics-port must be a port number (0-65535)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.error(f"serve-sip: {error}")
         raise SystemExit(2) from None
     try:
-        asyncio.run(serve(args))
+        asyncio.run(serve(args, handle_signals=True))
     except KeyboardInterrupt:
         pass
 

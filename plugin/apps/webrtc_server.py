@@ -6,7 +6,12 @@
                       their language, and the bot's answers when an LLM is configured);
 - `POST /api/offer`   the SDP offer/answer exchange, handled by Pipecat's `SmallWebRTCRequestHandler`
                       (`PATCH` for trickled candidates); every new peer connection gets its own pipeline;
-- `GET /api/health`   whether the model is loaded, and how many sessions are live.
+- `GET /api/health`   whether the model is loaded, how many sessions are live, and whether it drains.
+
+SIGTERM (or `POST /drain` on `--metrics-port`) drains the server (`drain.py`): new offers get HTTP 503 +
+Retry-After, live sessions go on for up to `--drain-timeout` seconds, the rest are disconnected (their last
+finals still delivered), then the process exits 0. `--metrics-port` serves Prometheus `/metrics` and `/healthz`
+(`metrics.py`).
 
 Each call is a Pipecat pipeline on `SmallWebRTCTransport` (aiortc, Opus in, decoded and resampled to 16 kHz):
 
@@ -26,8 +31,10 @@ is shown as text (there is no TTS stage here).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +51,8 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transcriptions.language import Language
 
 from ..engine import DEFAULT_MODEL, Engine
+from .drain import DEFAULT_DRAIN_TIMEOUT_S, Drain, engine_refusal
+from .metrics import AdminServer, ServerMetrics
 
 STATIC_DIR = Path(__file__).parent.parent / "static"
 MESSAGE_LABEL = "pipecat-nemotron"
@@ -113,12 +122,16 @@ def transcript_message(text: str, *, final: bool, language: Language | str | Non
 
 
 class TranscriptRelay(FrameProcessor):
-    """Sends interim and final transcripts to the page (`send`) and records them; passes every frame on."""
+    """Sends interim and final transcripts to the page (`send`) and records them; passes every frame on.
 
-    def __init__(self, record: SessionRecord, send: Callable[[dict], Any]):
+    `on_final(latency_s)` is told of every final (the metrics' VAD stop → final histogram)."""
+
+    def __init__(self, record: SessionRecord, send: Callable[[dict], Any],
+                 on_final: Callable[[float | None], None] | None = None):
         super().__init__()
         self._record = record
         self._send = send
+        self._on_final = on_final
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
@@ -126,6 +139,8 @@ class TranscriptRelay(FrameProcessor):
             language = frame.language.value if frame.language else None
             self._record.finals.append({"text": frame.text, "language": language})
             self._send(transcript_message(frame.text, final=True, language=language))
+            if self._on_final is not None:
+                self._on_final(getattr(frame.result, "latency_s", None))
         elif isinstance(frame, InterimTranscriptionFrame):
             self._record.interims += 1
             self._send(transcript_message(frame.text, final=False, language=frame.language))
@@ -169,11 +184,14 @@ class WebRTCServer:
         engine: an `Engine` to share (tests pass one built on a tiny model).
         vad_stop_secs: silence that ends an utterance.
         max_sessions: concurrent browser sessions (each holds one engine stream).
+        drain: the server's `Drain` (offers are refused while it drains; `drain_sessions` ends the live ones).
+        metrics: its `ServerMetrics` (calls answered/refused/ended, final latency, the engine's figures).
     """
 
     def __init__(self, *, model: str = DEFAULT_MODEL, chunk_ms: int = 160, language: Language | None = None,
                  device: str = "auto", llm: LLMConfig | None = None, engine: Engine | None = None,
-                 vad_stop_secs: float = 0.4, max_sessions: int = 16, threads: int | None = None):
+                 vad_stop_secs: float = 0.4, max_sessions: int = 16, threads: int | None = None,
+                 drain: Drain | None = None, metrics: ServerMetrics | None = None):
         from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequestHandler
 
         self.model = model
@@ -186,6 +204,9 @@ class WebRTCServer:
         self.vad_stop_secs = vad_stop_secs
         self.max_sessions = max_sessions
         self.sessions: list[SessionRecord] = []
+        self.drain = drain or Drain()
+        self.metrics = metrics or ServerMetrics(drain=self.drain, engine=lambda: self.engine)
+        self._connections: dict[str, Any] = {}  # pc_id -> connection of each live session
         self.handler = SmallWebRTCRequestHandler(ice_servers=[])
         self._tasks: set[asyncio.Task] = set()
         self.app = self._build_app()
@@ -244,15 +265,22 @@ class WebRTCServer:
         async def health():
             return {"ready": self.engine is not None and self.engine.model is not None,
                     "model": self.engine.model_name if self.engine else self.model,
-                    "sessions": self.live_sessions, "llm": bool(self.llm)}
+                    "sessions": self.live_sessions, "llm": bool(self.llm), "draining": self.drain.draining}
 
         @app.post("/api/offer")
         async def offer(request: Request):
             body = await request.json()
             reservation = None
             if not body.get("pc_id"):  # a new call (not a renegotiation): reserve its engine stream first
+                if self.drain.draining:
+                    self.metrics.calls.refused("draining")
+                    return JSONResponse({"error": "draining: this server takes no new sessions; try another or "
+                                                  "again shortly"},
+                                        status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
                 reservation = self.engine.try_reserve() if self.live_sessions < self.max_sessions else None
                 if reservation is None:
+                    self.metrics.calls.refused("capacity" if self.live_sessions >= self.max_sessions
+                                               else engine_refusal(self.engine))
                     return JSONResponse({"error": f"busy: no free transcription stream ({self.live_sessions} "
                                                   "sessions are live); try again shortly"},
                                         status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -308,6 +336,8 @@ class WebRTCServer:
 
         record = SessionRecord(pc_id=connection.pc_id)
         self.sessions.append(record)
+        self._connections[record.pc_id] = connection
+        self.metrics.calls.answered()
 
         def send(message: dict) -> None:
             try:
@@ -320,7 +350,7 @@ class WebRTCServer:
         stt = NemotronSTTService(engine=self.engine, chunk_ms=self.chunk_ms, language=self.language,
                                  reservation=reservation)
         vad = VADProcessor(vad_analyzer=WebRTCVADAnalyzer(mode=2, params=VADParams(stop_secs=self.vad_stop_secs)))
-        processors = [transport.input(), vad, stt, TranscriptRelay(record, send)]
+        processors = [transport.input(), vad, stt, TranscriptRelay(record, send, on_final=self.metrics.calls.final)]
         if self.llm is not None:
             processors += self._llm_processors(record, send)
         processors.append(transport.output())
@@ -339,6 +369,8 @@ class WebRTCServer:
             if record.errors and record.outcome in ("client left", "ended"):
                 record.outcome += " with errors"
             logger.info(record.summary())
+            self._connections.pop(record.pc_id, None)
+            self.metrics.calls.ended(record.outcome)
             if reservation is not None:
                 reservation.release()
             try:
@@ -346,6 +378,31 @@ class WebRTCServer:
             except Exception:
                 pass
         return record
+
+    async def drain_sessions(self) -> None:
+        """Let the live sessions go on up to the drain timeout (or a second SIGTERM), then disconnect the rest:
+        their pipelines end gracefully, so their last finals still reach the page. Returns once every session
+        has ended (at most `client_session.GRACEFUL_END_S` after the disconnects)."""
+        from .client_session import GRACEFUL_END_S
+
+        live = self.live_sessions
+        logger.info(f"drain: {live} session(s) live" +
+                    (f"; waiting up to {self.drain.timeout_s:g} s for them" if live else ""))
+        if not await self.drain.wait_for(lambda: self.live_sessions == 0):
+            remaining = [s for s in self.sessions if s.ended is None]
+            logger.info(f"drain: ending {len(remaining)} session(s) still up; their last words are still transcribed")
+            for record in remaining:
+                if record.outcome == "running":
+                    record.outcome = "drain timeout"
+                connection = self._connections.get(record.pc_id)
+                if connection is not None:
+                    try:
+                        await connection.disconnect()
+                    except Exception as error:
+                        logger.debug(f"{record.pc_id}: disconnect failed: {error}")
+            if not await self.drain.wait_until(lambda: self.live_sessions == 0, GRACEFUL_END_S):
+                logger.warning(f"drain: {self.live_sessions} session(s) still finishing after {GRACEFUL_END_S:g} s")
+        logger.info("drain: done")
 
     def _llm_processors(self, record: SessionRecord, send) -> list:
         from pipecat.processors.aggregators.llm_context import LLMContext
@@ -365,6 +422,18 @@ class WebRTCServer:
                 user_speech_timeout=0.6), EmptyTranscriptUserTurnStopStrategy()])))
         self._assistant_aggregator = pair.assistant()
         return [pair.user(), llm, BotTextRelay(record, send)]
+
+
+def _uvicorn_without_signal_handlers():
+    """uvicorn's Server class minus its own signal handlers: ours drain on SIGTERM and stop on SIGINT."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+    return Server
 
 
 def _loopback(host: str) -> bool:
@@ -399,7 +468,9 @@ def allow_loopback_ice_candidates() -> None:
 
 async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT_MODEL, chunk_ms: int = 160,
                        language: Language | str | None = None, device: str = "auto", llm: bool | None = None,
-                       allow_remote: bool = False, threads: int | None = None) -> None:
+                       allow_remote: bool = False, threads: int | None = None,
+                       drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S, metrics_port: int | None = None,
+                       metrics_host: str = "127.0.0.1", handle_signals: bool = True) -> None:
     """Serve the browser page and WebRTC calls until interrupted.
 
     Args (keyword-only):
@@ -413,6 +484,9 @@ async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str 
         threads: CPU threads of the model (default: one less than the CPUs, at least 1).
         allow_remote: required to listen on a non-loopback `host`: there is no authentication, so anyone who
             reaches the port could use the model and the LLM key (ValueError otherwise, before the model loads).
+        drain_timeout: on SIGTERM (or `POST /drain`), how long live sessions may go on before they are ended.
+        metrics_port, metrics_host: serve Prometheus `/metrics`, `/healthz` and `POST /drain` there (None: off).
+        handle_signals: SIGTERM drains, SIGINT stops (uvicorn's own handlers are not installed).
     """
     import uvicorn
     from rich.console import Console
@@ -426,26 +500,68 @@ async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str 
     if not _loopback(host):
         logger.warning(f"serve-webrtc: listening on {host}, reachable by anyone who can reach this port; "
                        "there is no authentication")
+    drain = Drain(timeout_s=drain_timeout)
+    drain.bind()
+    if handle_signals:  # before the load: a SIGTERM while loading ends a server with no sessions at once
+        drain.install_signal_handlers()
     server = WebRTCServer(model=model, chunk_ms=chunk_ms, language=_language(language), device=device,
-                          llm=_llm_config(llm), threads=threads)
-    if _loopback(host):
-        allow_loopback_ice_candidates()
-    with loading(Console(stderr=True), f"{model} ({chunk_ms} ms chunks)"):
-        await server.start()  # model errors surface here, before the port opens
-    logger.info(f"serve-webrtc: open http://{'localhost' if _loopback(host) else host}:{port}/")
-    config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", lifespan="on")
-    await uvicorn.Server(config).serve()
+                          llm=_llm_config(llm), threads=threads, drain=drain)
+    admin = catch_up = None
+    try:
+        if metrics_port is not None:
+            admin = AdminServer(metrics=server.metrics, drain=drain, host=metrics_host, port=metrics_port)
+            admin.start()
+            catch_up = asyncio.ensure_future(_catch_up(server.metrics))
+        if _loopback(host):
+            allow_loopback_ice_candidates()
+        with loading(Console(stderr=True), f"{model} ({chunk_ms} ms chunks)"):
+            await server.start()  # model errors surface here, before the port opens
+        logger.info(f"serve-webrtc: open http://{'localhost' if _loopback(host) else host}:{port}/")
+        config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", lifespan="on")
+        http = _uvicorn_without_signal_handlers()(config)
+        if handle_signals:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, http.handle_exit, signal.SIGINT, None)
+        serving = asyncio.ensure_future(http.serve())
+        requested = asyncio.ensure_future(drain.requested())
+        while not http.started and not serving.done():
+            await asyncio.sleep(0.05)
+        server.metrics.status.listening = http.started
+        await asyncio.wait([serving, requested], return_when=asyncio.FIRST_COMPLETED)
+        if requested.done() and not serving.done():
+            await server.drain_sessions()
+            http.should_exit = True
+        requested.cancel()
+        await serving
+    finally:
+        server.metrics.status.listening = False
+        if handle_signals:
+            drain.remove_signal_handlers()
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+        if catch_up is not None:
+            catch_up.cancel()
+        if admin is not None:
+            await asyncio.to_thread(admin.close)
+
+
+async def _catch_up(metrics: ServerMetrics) -> None:
+    """Feed every engine step into the step histograms (the engine keeps only a window of recent steps)."""
+    while True:
+        await asyncio.sleep(1.0)
+        metrics.engine.catch_up()
 
 
 def run_webrtc_server(*, host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT_MODEL, chunk_ms: int = 160,
                       language: Language | str | None = None, device: str = "auto", llm: bool | None = None,
-                      allow_remote: bool = False, threads: int | None = None) -> None:
+                      allow_remote: bool = False, threads: int | None = None,
+                      drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S, metrics_port: int | None = None,
+                      metrics_host: str = "127.0.0.1") -> None:
     """Blocking wrapper of `serve_webrtc` (for the CLI and scripts); exits with status 2 on a setup error."""
     from ..engine import NemotronEngineError
 
     try:
         asyncio.run(serve_webrtc(host=host, port=port, model=model, chunk_ms=chunk_ms, language=language,
-                                 device=device, llm=llm, allow_remote=allow_remote, threads=threads))
+                                 device=device, llm=llm, allow_remote=allow_remote, threads=threads,
+                                 drain_timeout=drain_timeout, metrics_port=metrics_port, metrics_host=metrics_host))
     except KeyboardInterrupt:
         pass
     except (NemotronEngineError, ValueError) as error:
