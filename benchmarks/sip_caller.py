@@ -61,7 +61,7 @@ async def place_call(server: tuple[str, int], audio: bytes, *, timeout: float = 
     from aiortc.rtp import RtpPacket
 
     from pipecat_nemotron.transports.g711 import encode
-    from pipecat_nemotron.transports.sip.message import SIPRequest, SIPResponse, parse_message
+    from pipecat_nemotron.transports.sip.message import SIPRequest, SIPResponse, parse_address, parse_message
     from pipecat_nemotron.transports.sip.sdp import parse_sdp
 
     loop = asyncio.get_running_loop()
@@ -71,12 +71,16 @@ async def place_call(server: tuple[str, int], audio: bytes, *, timeout: float = 
     number = next(_numbers)
     result = CallResult(call_id=f"load-{number}-{time.monotonic_ns()}@{HOST}")
     server_bye = asyncio.Event()
+    # In-dialog requests go to the answer's Contact along the Record-Route set (through a proxy such as
+    # Kamailio); every datagram still goes to ``server`` (a proxy is the first hop, a lone server the only one).
+    dialog = {"uri": f"sip:bot@{server[0]}:{server[1]}", "routes": []}
 
     def request(method: str, cseq: int, to: str, body: str = "") -> bytes:
         content = "Content-Type: application/sdp\r\n" if body else ""
-        return (f"{method} sip:bot@{server[0]}:{server[1]} SIP/2.0\r\n"
+        routes = "".join(f"Route: {route}\r\n" for route in dialog["routes"])
+        return (f"{method} {dialog['uri']} SIP/2.0\r\n"
                 f"Via: SIP/2.0/UDP {HOST}:{sip_port};branch=z9hG4bK{number}x{cseq}{method};rport\r\n"
-                f"Max-Forwards: 70\r\nFrom: <sip:caller{number}@{HOST}>;tag=c{number}\r\nTo: {to}\r\n"
+                f"{routes}Max-Forwards: 70\r\nFrom: <sip:caller{number}@{HOST}>;tag=c{number}\r\nTo: {to}\r\n"
                 f"Call-ID: {result.call_id}\r\nCSeq: {cseq} {method}\r\nContact: <sip:caller@{HOST}:{sip_port}>\r\n"
                 f"{content}Content-Length: {len(body.encode())}\r\n\r\n{body}").encode()
 
@@ -117,6 +121,9 @@ async def place_call(server: tuple[str, int], audio: bytes, *, timeout: float = 
             return result
         result.answered = True
         to = response.get("To")
+        if response.get_all("Record-Route"):
+            dialog["routes"] = list(reversed(response.get_all("Record-Route")))
+            dialog["uri"] = parse_address(response.get("Contact")).uri
         sip_t.sendto(request("ACK", 1, to), server)
         watcher = asyncio.ensure_future(watch_for_server_bye())
         answer = parse_sdp(response.body)
