@@ -25,6 +25,8 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -75,8 +77,8 @@ def network():
         os.close(original)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+def free_port(kind=socket.SOCK_DGRAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
 
@@ -85,7 +87,7 @@ class Node:
     """One ``pipecat-nemotron serve-sip --model demo`` process; its log and JSON lines in files."""
 
     def __init__(self, name: str, directory: Path):
-        self.name, self.port = name, free_port()
+        self.name, self.port, self.metrics_port = name, free_port(), free_port(socket.SOCK_STREAM)
         self.log, self.output = directory / f"{name}.log", directory / f"{name}.jsonl"
         self.proc: subprocess.Popen | None = None
         self._log_start = 0
@@ -100,7 +102,8 @@ class Node:
             self.proc = subprocess.Popen(
                 [str(ROOT / ".venv" / "bin" / "pipecat-nemotron"), "serve-sip", "--model", "demo", "--device", "cpu",
                  "--threads", "1", "--host", HOST, "--port", str(self.port), "--max-calls", str(NODE_CALLS),
-                 "--retry-after", "1", "--sip-rate", "5000", "--output", str(self.output)],
+                 "--retry-after", "1", "--sip-rate", "5000", "--output", str(self.output),
+                 "--metrics-port", str(self.metrics_port)],
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -139,6 +142,26 @@ class Node:
                 record = json.loads(line)
                 found.setdefault(record["call_id"], []).append(record["text"])
         return found
+
+    def scrape(self) -> dict[str, float]:
+        """``GET /metrics`` over HTTP: {'name{label="value"}': value} of every nemotron_ sample."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://{HOST}:{self.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+        return samples
+
+    def healthz(self) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.metrics_port}/healthz", timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -315,7 +338,7 @@ async def test_a_full_node_is_skipped_and_an_invite_that_reaches_it_fails_over(c
     assert cluster.proxy.lines(f"{first.call_id} failed on {full.uri} (503)")
     # the direct calls end; the node answers OPTIONS 200 again and is back in rotation
     assert all(r.answered for r in await asyncio.gather(*direct))
-    await cluster.wait_until_in_rotation(full, timeout=5 * PING_INTERVAL + 2)
+    await cluster.wait_until_in_rotation(full, timeout=20)
     # full again, this time the probes notice before any INVITE comes: no INVITE reaches it at all
     direct = await calls_at_once((HOST, full.port), [audio_of("es-ES_00000.wav", tail_s=3.0)] * NODE_CALLS, 0.02)
     await until_full(full)
@@ -326,7 +349,7 @@ async def test_a_full_node_is_skipped_and_an_invite_that_reaches_it_fails_over(c
     assert not any(cluster.proxy.lines(f"{r.call_id} failed") for r in later)
     assert all(r.answered for r in await asyncio.gather(*direct))
     assert all(r.answered and r.bye_status == 200 for r in await asyncio.gather(*busy))
-    await cluster.wait_until_in_rotation(full, timeout=5 * PING_INTERVAL + 2)
+    await cluster.wait_until_in_rotation(full, timeout=20)
 
 
 async def options_status(node: Node) -> int:
@@ -384,11 +407,81 @@ async def test_a_killed_node_loses_only_its_calls_new_calls_go_elsewhere_and_it_
     # restarted on the same port, it is probed up and takes its share of the next calls again
     victim.start()
     victim.wait_ready()
-    await cluster.wait_until_in_rotation(victim, timeout=5 * PING_INTERVAL + 2)
+    await cluster.wait_until_in_rotation(victim, timeout=20)
     again = await asyncio.gather(*await calls_at_once(proxy, [audio_of("es-ES_00000.wav", tail_s=0.3)] * 3, 0.1))
     assert all(r.answered for r in again) and sum(victim.answered(r.call_id) for r in again) == 1, again
     transcripts = await cluster.wait_for_transcripts([r.call_id for r in again])
     assert all(transcripts.get(r.call_id) == [KNOWN["es-ES_00000.wav"]] for r in again)
+
+
+async def test_a_node_drained_with_sigterm_takes_no_new_calls_finishes_its_own_and_exits_0(cluster):
+    proxy = cluster.proxy.address
+    live = await calls_at_once(proxy, [audio_of("en-US_00001.wav", tail_s=3.0)] * 3, gap=0.2)  # one per node
+    await asyncio.sleep(0.5)
+    drained = cluster.routed_to(3)[0]
+    drained.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    status, health = drained.healthz()
+    assert status == 503 and health["draining"], (status, health)
+    # new calls while it drains: at once (an INVITE that still reaches it gets 503 and fails over) and after
+    # the probes have seen its OPTIONS 503; none is answered by it
+    new = await asyncio.gather(*await calls_at_once(proxy, [audio_of("es-ES_00000.wav", tail_s=0.3)] * 3, 0.1))
+    await asyncio.sleep((PROBING_THRESHOLD + 0.5) * PING_INTERVAL)
+    new += await asyncio.gather(*await calls_at_once(proxy, [audio_of("es-ES_00000.wav", tail_s=0.3)] * 3, 0.1))
+    assert all(r.answered and r.bye_status == 200 for r in new), new
+    assert not any(drained.answered(r.call_id) for r in new)
+    # its live call goes on to the end (the caller hangs up), with its transcript; then it exits 0
+    results = await asyncio.gather(*live)
+    assert all(r.answered and r.bye_status == 200 and not r.dropped_by_server for r in results), results
+    mine = [r for r in results if drained.answered(r.call_id)]
+    assert len(mine) == 1
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, drained.proc.wait, 20) == 0, drained.log_text()[-3000:]
+    transcripts = cluster.transcripts()
+    assert transcripts.get(mine[0].call_id) == [KNOWN["en-US_00001.wav"]], transcripts.get(mine[0].call_id)
+    assert "Traceback" not in drained.log_text()
+    # back for the tests that follow
+    drained.start()
+    drained.wait_ready()
+    await cluster.wait_until_in_rotation(drained, timeout=20)
+
+
+async def test_metrics_scraped_over_http_agree_with_what_the_carrier_saw(cluster):
+    before = {node.name: node.scrape() for node in cluster.nodes}
+    # through the proxy: six calls (two per node); straight to one node: more than it takes
+    target = cluster.nodes[0]
+    direct = await calls_at_once((HOST, target.port), [audio_of("es-ES_00000.wav", tail_s=0.5)] * (NODE_CALLS + 3),
+                                 0.01)
+    routed = await calls_at_once(cluster.proxy.address, [audio_of("es-ES_00000.wav", tail_s=0.5)] * 6, 0.05)
+    direct, routed = await asyncio.gather(*direct), await asyncio.gather(*routed)
+    await cluster.wait_for_transcripts([r.call_id for r in direct + routed if r.answered])
+    await asyncio.sleep(1.0)
+    after = {node.name: node.scrape() for node in cluster.nodes}
+
+    def delta(node, name):
+        return after[node.name].get(name, 0.0) - before[node.name].get(name, 0.0)
+
+    def refused(node):
+        return sum(value - before[node.name].get(key, 0.0) for key, value in after[node.name].items()
+                   if key.startswith("nemotron_calls_refused_total"))
+
+    carrier_answered = sum(r.answered for r in direct + routed)
+    direct_refused = sum(r.status == 503 for r in direct)
+    assert sum(r.answered for r in direct) + direct_refused == len(direct) and direct_refused >= 3, direct
+    # every call the carrier saw answered is one answered and one ended on some node, and none is active now
+    assert sum(delta(node, "nemotron_calls_answered_total") for node in cluster.nodes) == carrier_answered
+    assert sum(sum(after[node.name].get(key, 0) - before[node.name].get(key, 0)
+                   for key in after[node.name] if key.startswith("nemotron_calls_ended_total"))
+               for node in cluster.nodes) == carrier_answered
+    assert all(after[node.name]["nemotron_calls_active"] == 0 for node in cluster.nodes)
+    # every 503 the carrier got from the node is one refusal there; a routed call refused by a node on the way
+    # (then failed over) is one too, and shows in the proxy's log
+    failed_over = sum(len(cluster.proxy.lines(f"{r.call_id} failed on {node.uri} (503)"))
+                      for r in routed for node in cluster.nodes)
+    assert sum(refused(node) for node in cluster.nodes) == direct_refused + failed_over
+    assert all(r.answered for r in routed)
+    assert all(after[node.name]["nemotron_engine_max_streams"] == NODE_CALLS for node in cluster.nodes)
+    assert all(node.healthz()[0] == 200 for node in cluster.nodes)
 
 
 async def test_fifty_calls_at_once_are_answered_and_transcribed_or_refused_before_answer(cluster):
@@ -396,6 +489,7 @@ async def test_fifty_calls_at_once_are_answered_and_transcribed_or_refused_befor
     files = short_files(10)
     audios = [audio_of(name, tail_s=1.0) for name in files]
     rss_before = {node.name: node.rss_mb() for node in cluster.nodes}
+    answered_before = {node.name: node.scrape()["nemotron_calls_answered_total"] for node in cluster.nodes}
     tasks = await calls_at_once(proxy, [audios[i % len(audios)] for i in range(50)], gap=0.01)
     results = await asyncio.gather(*tasks)
     answered = [r for r in results if r.answered]
@@ -414,6 +508,8 @@ async def test_fifty_calls_at_once_are_answered_and_transcribed_or_refused_befor
             assert transcripts.get(result.call_id), (files[index % len(files)], result.call_id)
             if files[index % len(files)] in KNOWN:
                 assert transcripts[result.call_id] == [KNOWN[files[index % len(files)]]]
+    scraped = {node.name: node.scrape()["nemotron_calls_answered_total"] for node in cluster.nodes}
+    assert sum(scraped[node.name] - answered_before[node.name] for node in cluster.nodes) == len(answered)
     # the same again: all slots were freed by the BYEs, and memory stays where it was
     await asyncio.sleep(2.0)  # the nodes release a call's slot once its pipeline has ended, after the BYE
     results = await asyncio.gather(*await calls_at_once(proxy, [audios[i % len(audios)] for i in range(50)], 0.01))
