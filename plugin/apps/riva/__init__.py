@@ -1,0 +1,1 @@
+"""A Riva-compatible streaming ASR server (`nvidia.riva.asr.RivaSpeechRecognition`) on the shared engine."""

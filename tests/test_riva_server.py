@@ -1,0 +1,182 @@
+"""The Riva-compatible server (`pipecat_nemotron.apps.riva`) with the clients that already speak the Riva API:
+`riva.client` and Pipecat's own `NvidiaSTTService`, on the demo model."""
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import riva.client
+from riva.client.proto import riva_asr_pb2, riva_asr_pb2_grpc
+
+from pipecat_nemotron.apps.riva.server import start_riva_server
+from pipecat_nemotron.engine import Engine
+
+HELDOUT = Path(__file__).resolve().parent / "data" / "demo_heldout"
+ROWS = {json.loads(line)["file"]: json.loads(line) for line in (HELDOUT / "manifest.jsonl").read_text().splitlines()}
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[¿?¡!.,;:]|<[a-z]{2}-[A-Z]{2}>", " ", text).lower().split()
+
+
+@pytest.fixture(scope="module")
+def demo_engine():
+    engine = Engine(model="demo", chunk_ms=160, device="cpu", max_streams=3, max_admission_lag_s=None)
+    engine.wait_ready()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+async def riva_server(demo_engine):
+    server, port, servicer = await start_riva_server(engine=demo_engine, port=0)
+    yield f"127.0.0.1:{port}", servicer
+    await server.stop(grace=None)
+
+
+def stream_file(address: str, path: Path, *, language: str = "", interim: bool = False) -> list:
+    """What riva.client's file scripts do: encoding/rate 0, the RIFF header in the first chunk, half-close."""
+    service = riva.client.ASRService(riva.client.Auth(uri=address))
+    config = riva.client.StreamingRecognitionConfig(
+        config=riva.client.RecognitionConfig(language_code=language, max_alternatives=1,
+                                             enable_automatic_punctuation=True),
+        interim_results=interim)
+    with riva.client.AudioChunkFileIterator(str(path), 1600) as chunks:
+        return list(service.streaming_response_generator(audio_chunks=chunks, streaming_config=config))
+
+
+async def test_riva_client_streams_a_wav_file_and_gets_the_words_and_the_language(riva_server):
+    address, _ = riva_server
+    for name in ("en-US_00001.wav", "es-ES_00000.wav", "de-DE_00002.wav"):
+        responses = await asyncio.to_thread(stream_file, address, HELDOUT / name)
+        finals = [r.alternatives[0] for response in responses for r in response.results if r.is_final]
+        assert finals, name
+        assert words(" ".join(f.transcript for f in finals)) == words(ROWS[name]["text"]), (name, finals)
+        assert list(finals[-1].language_code) == [ROWS[name]["lang"]]
+
+
+async def test_bad_requests_get_the_right_status_and_the_server_goes_on(riva_server):
+    address, _ = riva_server
+
+    def call(requests):
+        with grpc.insecure_channel(address) as channel:
+            stub = riva_asr_pb2_grpc.RivaSpeechRecognitionStub(channel)
+            try:
+                list(stub.StreamingRecognize(iter(requests)))
+            except grpc.RpcError as error:
+                return error.code(), error.details()
+            return grpc.StatusCode.OK, ""
+
+    def config(**fields):
+        return riva_asr_pb2.StreamingRecognizeRequest(streaming_config=riva_asr_pb2.StreamingRecognitionConfig(
+            config=riva_asr_pb2.RecognitionConfig(**fields)))
+
+    audio = riva_asr_pb2.StreamingRecognizeRequest(audio_content=b"\x00\x01" * 800)
+    cases = [
+        ([audio], grpc.StatusCode.INVALID_ARGUMENT, "first message"),
+        ([config(encoding=4, sample_rate_hertz=16000), audio], grpc.StatusCode.INVALID_ARGUMENT, "LINEAR_PCM"),
+        ([config(encoding=1, sample_rate_hertz=3), audio], grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+        ([config(encoding=1, sample_rate_hertz=16000, language_code="xx-XX"), audio],
+         grpc.StatusCode.INVALID_ARGUMENT, "en-US"),
+        ([config(encoding=1, sample_rate_hertz=16000), audio, config(encoding=1, sample_rate_hertz=16000)],
+         grpc.StatusCode.INVALID_ARGUMENT, "only come first"),
+        ([config(encoding=1, sample_rate_hertz=16000),
+          riva_asr_pb2.StreamingRecognizeRequest(audio_content=b"\x00" * (5 * 1024 * 1024))],
+         grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        ([], grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    ]
+    for requests, code, text in cases:
+        got, details = await asyncio.to_thread(call, requests)
+        assert got == code and text in details, (code, got, details)
+    responses = await asyncio.to_thread(stream_file, address, HELDOUT / "en-US_00001.wav")  # still serving
+    assert any(r.is_final for response in responses for r in response.results)
+
+
+def heldout_16k(name: str, *, silence_s: float = 1.0) -> np.ndarray:
+    from scipy.signal import resample_poly
+
+    from pipecat_nemotron.wav import read_wav
+    wav = read_wav(HELDOUT / name)
+    audio = resample_poly(wav.samples.astype(np.float32), 16000, wav.sample_rate)
+    audio = np.concatenate([np.zeros(3200), audio, np.zeros(int(silence_s * 16000))])
+    return np.clip(audio, -32768, 32767).astype(np.int16)
+
+
+async def test_pipecats_own_nvidia_stt_service_transcribes_through_this_server(riva_server):
+    """Pipecat's NvidiaSTTService, pointed at a self-hosted server as its docs say, unchanged: the server finds the
+    end of each utterance itself (the service never says) and sends interim and final results."""
+    from pipecat.frames.frames import InputAudioRawFrame, InterimTranscriptionFrame, TranscriptionFrame
+    from pipecat.pipeline.worker import PipelineParams
+    from pipecat.services.nvidia.stt import NvidiaSTTService
+    from pipecat.tests.utils import SleepFrame, run_test
+    from pipecat.transcriptions.language import Language
+
+    address, servicer = riva_server
+    name = "es-ES_00000.wav"
+    pcm = heldout_16k(name)
+    frames = [InputAudioRawFrame(audio=pcm[i:i + 320].tobytes(), sample_rate=16000, num_channels=1)
+              for i in range(0, len(pcm), 320)]
+    stt = NvidiaSTTService(server=address, use_ssl=False, model_function_map={"function_id": "", "model_name": "demo"},
+                           settings=NvidiaSTTService.Settings(language=Language.ES_ES))
+    opened = servicer.streams_opened
+    down, _ = await run_test(stt, frames_to_send=[*frames, SleepFrame(sleep=3.0)],
+                             pipeline_params=PipelineParams(audio_in_sample_rate=16000))
+    finals = [f for f in down if isinstance(f, TranscriptionFrame)]
+    assert finals and words(" ".join(f.text for f in finals)) == words(ROWS[name]["text"]), finals
+    assert any(isinstance(f, InterimTranscriptionFrame) for f in down)
+    assert servicer.streams_opened > opened
+
+
+async def test_concurrent_streams_share_engine_steps_and_one_beyond_capacity_is_refused_at_once(riva_server,
+                                                                                               demo_engine):
+    address, _ = riva_server
+    names = ["en-US_00001.wav", "es-ES_00000.wav", "de-DE_00002.wav"]  # the engine has 3 slots
+    deadline = asyncio.get_running_loop().time() + 20
+    while demo_engine.open_streams and asyncio.get_running_loop().time() < deadline:  # earlier tests' clients
+        await asyncio.sleep(0.05)
+    before = len(demo_engine.stats.batch_sizes)
+
+    def held_open(stub_holder):
+        """A stream that sends its config and one chunk, then waits: it holds a slot."""
+        import threading
+        gate = threading.Event()
+        stub_holder.append(gate)
+
+        def requests():
+            yield riva_asr_pb2.StreamingRecognizeRequest(streaming_config=riva_asr_pb2.StreamingRecognitionConfig(
+                config=riva_asr_pb2.RecognitionConfig(encoding=1, sample_rate_hertz=16000)))
+            yield riva_asr_pb2.StreamingRecognizeRequest(audio_content=b"\x00\x00" * 1600)
+            gate.wait(30)
+
+        with grpc.insecure_channel(address) as channel:
+            list(riva_asr_pb2_grpc.RivaSpeechRecognitionStub(channel).StreamingRecognize(requests()))
+
+    results = await asyncio.gather(*(asyncio.to_thread(stream_file, address, HELDOUT / n) for n in names))
+    for name, responses in zip(names, results):
+        finals = [r.alternatives[0].transcript for response in responses for r in response.results if r.is_final]
+        assert words(" ".join(finals)) == words(ROWS[name]["text"]), name
+    assert max(list(demo_engine.stats.batch_sizes)[before:]) > 1, "concurrent streams should share steps"
+
+    gates = []
+    holders = [asyncio.ensure_future(asyncio.to_thread(held_open, gates)) for _ in range(3)]
+    deadline = asyncio.get_running_loop().time() + 20
+    while demo_engine.open_streams < 3 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert demo_engine.open_streams == 3
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            await asyncio.to_thread(stream_file, address, HELDOUT / names[0])
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        for gate in gates:
+            gate.set()
+        await asyncio.gather(*holders, return_exceptions=True)
+    deadline = asyncio.get_running_loop().time() + 10
+    while demo_engine.open_streams and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert demo_engine.open_streams == 0, "every finished stream frees its slot"
+    assert demo_engine.free_slots == 3
