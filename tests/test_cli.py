@@ -63,7 +63,7 @@ def test_bad_wav_is_reported(tmp_path, tiny_nemo):
 
 
 # ---- options: listed with defaults, checked before any model load ------------------------------------------------
-COMMANDS = ["transcribe", "serve-sip", "serve-webrtc", "languages"]
+COMMANDS = ["transcribe", "serve-sip", "serve-webrtc", "serve-riva", "languages"]
 
 
 def flat(output: str) -> str:

@@ -180,3 +180,44 @@ async def test_concurrent_streams_share_engine_steps_and_one_beyond_capacity_is_
         await asyncio.sleep(0.05)
     assert demo_engine.open_streams == 0, "every finished stream frees its slot"
     assert demo_engine.free_slots == 3
+
+
+def test_serve_riva_command_serves_riva_client(tmp_path):
+    """`pipecat-nemotron serve-riva` as a user runs it; riva.client's health check and a streamed file."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from riva.client.proto import health_pb2, health_pb2_grpc
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    exe = Path(sys.executable).with_name("pipecat-nemotron")
+    log = open(tmp_path / "server.log", "w+")
+    server = subprocess.Popen([str(exe), "serve-riva", "--model", "demo", "--port", str(port), "--max-streams", "2"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        status = None
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    break
+            except grpc.RpcError:
+                time.sleep(0.5)
+        log.seek(0)
+        assert status == health_pb2.HealthCheckResponse.SERVING, log.read()[-3000:]
+        responses = stream_file(f"127.0.0.1:{port}", HELDOUT / "de-DE_00002.wav")
+        finals = [r.alternatives[0] for response in responses for r in response.results if r.is_final]
+        assert words(" ".join(f.transcript for f in finals)) == words(ROWS["de-DE_00002.wav"]["text"])
+        assert list(finals[-1].language_code) == ["de-DE"]
+        service = riva.client.ASRService(riva.client.Auth(uri=f"127.0.0.1:{port}"))
+        config = service.stub.GetRivaSpeechRecognitionConfig(riva_asr_pb2.RivaSpeechRecognitionConfigRequest())
+        assert {c.parameters["language_code"] for c in config.model_config} == {"en-US", "es-ES", "de-DE"}
+        assert all(c.parameters["type"] == "online" for c in config.model_config)
+    finally:
+        server.terminate()
+        server.wait(30)

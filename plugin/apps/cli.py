@@ -259,6 +259,34 @@ def serve_sip(
     phone_main(argv)
 
 
+@app.command("serve-riva")
+def serve_riva(
+    host: str = typer.Option("127.0.0.1", help="address to listen on (gRPC, no TLS)"),
+    port: int = typer.Option(50051, min=0, max=65535, help="gRPC port (Riva's default)"),
+    model: str = typer.Option(DEFAULT_MODEL, help=MODEL_HELP),
+    chunk_ms: int = typer.Option(160, help=CHUNK_HELP, callback=_chunk_ms),
+    device: str = typer.Option("auto", help=DEVICE_HELP, callback=_device),
+    max_streams: Optional[int] = typer.Option(None, min=1, show_default="the measured capacity: 24 for the demo "
+                                              "model on a 2-core CPU, 1 for the 0.6B model on a CPU",
+                                              help="client streams at once; beyond it RESOURCE_EXHAUSTED"),
+    threads: Optional[int] = typer.Option(None, min=1, show_default="CPUs - 1, at least 1",
+                                          help="CPU threads of the model"),
+):
+    """A Riva-compatible streaming ASR server (nvidia.riva.asr gRPC): bots in many processes share one engine."""
+    import logging
+
+    from .console import quiet_third_party
+
+    quiet_third_party()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .phone import default_max_calls
+    from .riva.server import run_riva_server
+
+    streams = max_streams or default_max_calls(model, device)[0]
+    run_riva_server(host=host, port=port, model=model, chunk_ms=chunk_ms, device=device, max_streams=streams,
+                    threads=threads)
+
+
 @app.command()
 def languages():
     """List the model's 40 locales with their support tier and Pipecat Language."""
