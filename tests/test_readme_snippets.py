@@ -33,6 +33,7 @@ SERVERS = {
     "python examples/twilio_agent.py": ("http", 8765, "/twiml"),
     "python examples/bot.py": ("http", 7860, "/client/"),
     "SIPServer(": ("log", "SIP server listening"),
+    "kamailio -DD": ("log", "dispatch: proxy ready"),  # deploy/kamailio/kamailio.cfg logs it once its workers run
 }
 pytestmark = pytest.mark.timeout(300)
 
