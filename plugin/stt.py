@@ -86,6 +86,9 @@ class NemotronSTTService(STTService):
         threads: CPU threads of the shared engine it creates (default: `engine.default_threads()`).
         final_context_ms: trailing silence the shared engine it creates gives each Final, so the model writes
             the terminal punctuation and the language tag (default 320 ms; 0 for the lowest time to final).
+        server: "host:port" of a `pipecat-nemotron serve-riva` server to transcribe on instead of an engine in this
+            process (the bot holds no model; many bot processes share the server's batched engine). The service's
+            VAD-driven finalize is kept: each utterance is one RPC, ended at VAD stop (`pipecat_nemotron.remote`).
         ttfs_p99_latency: override the measured default for this chunk size (measured on a 2-core CPU; pass
             your own on a GPU).
         settings: `NemotronSTTSettings` overrides.
@@ -98,7 +101,7 @@ class NemotronSTTService(STTService):
                  device: str = "auto", strip_language_tags: bool = True, interim_results: bool = True,
                  engine: Engine | None = None, reservation: StreamReservation | None = None,
                  max_streams: int | None = None, threads: int | None = None, final_context_ms: int | None = None,
-                 ttfs_p99_latency: float | None = None,
+                 server: str | None = None, ttfs_p99_latency: float | None = None,
                  settings: NemotronSTTSettings | None = None, **kwargs):
         default_settings = self.Settings(model=str(model if engine is None else engine.model_name),
                                          language=language_to_locale(language) if language else None)
@@ -120,6 +123,7 @@ class NemotronSTTService(STTService):
         self._max_streams = max_streams
         self._threads = threads
         self._final_context_ms = final_context_ms
+        self._server = server
         self._stream = None
         self._reader: asyncio.Task | None = None
         self._failures = 0  # stream failures since the last Final
@@ -200,6 +204,8 @@ class NemotronSTTService(STTService):
             await self._close_stream(release=True)
 
     def _engine_ready(self) -> bool:
+        if self._server is not None:
+            return True
         engine = self._engine if self._engine is not None else Engine.existing(
             model=self._model_source, chunk_ms=self._chunk_ms, device=self._device)
         return engine is not None and engine.health != "loading"
@@ -241,6 +247,12 @@ class NemotronSTTService(STTService):
 
     async def _open_stream(self):
         """Open the engine stream of this call on its reservation (taken now if the transport gave none)."""
+        if self._server is not None:
+            from .remote import RemoteStream
+
+            self._stream = RemoteStream(server=self._server, language=self._settings.language or AUTO)
+            self._reader = self.create_task(self._read_results(self._stream), name="nemotron_stt_results")
+            return
         if self._engine is None or (not self._engine.alive_or_loading and self._engine_is_shared):
             # first start, or the shared engine died and Engine.shared builds a new one
             self._engine = Engine.shared(model=self._model_source, chunk_ms=self._chunk_ms, device=self._device,

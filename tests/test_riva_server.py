@@ -221,3 +221,65 @@ def test_serve_riva_command_serves_riva_client(tmp_path):
     finally:
         server.terminate()
         server.wait(30)
+
+
+async def test_nemotron_stt_service_on_a_remote_server_gives_the_in_process_text(riva_server, demo_engine):
+    """NemotronSTTService(server=...) keeps its VAD-driven finalize over the network: the same frames give the same
+    finals (text and language) as the service with the engine in process."""
+    from pipecat.frames.frames import (InputAudioRawFrame, TranscriptionFrame, VADUserStartedSpeakingFrame,
+                                       VADUserStoppedSpeakingFrame)
+    from pipecat.pipeline.worker import PipelineParams
+    from pipecat.tests.utils import SleepFrame, run_test
+
+    from pipecat_nemotron.stt import NemotronSTTService
+
+    address, servicer = riva_server
+    frames = []
+    for name in ("en-US_00001.wav", "es-ES_00000.wav"):
+        pcm = heldout_16k(name, silence_s=0.2)
+        frames += [VADUserStartedSpeakingFrame(start_secs=0.2),
+                   *[InputAudioRawFrame(audio=pcm[i:i + 320].tobytes(), sample_rate=16000, num_channels=1)
+                     for i in range(0, len(pcm), 320)],
+                   VADUserStoppedSpeakingFrame(stop_secs=0.2), SleepFrame(sleep=1.0)]
+    finals = {}
+    for where, stt in (("local", NemotronSTTService(engine=demo_engine)), ("remote", NemotronSTTService(server=address))):
+        down, _ = await run_test(stt, frames_to_send=frames, pipeline_params=PipelineParams(audio_in_sample_rate=16000))
+        finals[where] = [(f.text, f.language) for f in down if isinstance(f, TranscriptionFrame)]
+    assert len(finals["local"]) == 2 and finals["remote"] == finals["local"], finals
+    assert servicer.streams_opened >= 2
+
+
+async def test_a_remote_server_that_is_down_gives_an_error_not_a_hang(riva_server):
+    from pipecat.frames.frames import (ErrorFrame, InputAudioRawFrame, TranscriptionFrame, VADUserStartedSpeakingFrame,
+                                       VADUserStoppedSpeakingFrame)
+    from pipecat.pipeline.worker import PipelineParams
+    from pipecat.tests.utils import SleepFrame, run_test
+
+    from pipecat_nemotron.stt import NemotronSTTService
+
+    address, _ = riva_server
+    with socket_closed_port() as dead:
+        stt = NemotronSTTService(server=f"127.0.0.1:{dead}")
+        pcm = heldout_16k("en-US_00001.wav", silence_s=0.2)
+        utterance = [VADUserStartedSpeakingFrame(start_secs=0.2),
+                     *[InputAudioRawFrame(audio=pcm[i:i + 320].tobytes(), sample_rate=16000, num_channels=1)
+                       for i in range(0, len(pcm), 320)],
+                     VADUserStoppedSpeakingFrame(stop_secs=0.2), SleepFrame(sleep=1.0)]
+        down, up = await asyncio.wait_for(run_test(stt, frames_to_send=utterance, expected_up_frames=None,
+                                                   pipeline_params=PipelineParams(audio_in_sample_rate=16000)), 60)
+    errors = [f for f in up if isinstance(f, ErrorFrame)]
+    assert errors and "UNAVAILABLE" in errors[0].error, up
+    assert not [f for f in down if isinstance(f, TranscriptionFrame)]
+
+
+def socket_closed_port():
+    import contextlib
+    import socket
+
+    @contextlib.contextmanager
+    def port():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            number = probe.getsockname()[1]
+        yield number
+    return port()
