@@ -79,13 +79,18 @@ class RivaASRServicer(riva_asr_pb2_grpc.RivaSpeechRecognitionServicer):
         # A client that goes away while this generator waits at a `yield` never resumes it, so its `finally` would
         # only run at garbage collection: the RPC's end frees the engine stream instead (idempotent).
         context.add_done_callback(lambda _: asyncio.ensure_future(session.close()))
+        outcome = "cancelled"
         try:
             async for response in session.run(requests):
                 yield response
+            outcome = "ok"
         except RequestError as error:
+            outcome = error.code.name
             await context.abort(error.code, str(error))
         finally:
             await session.close()
+            logger.info("stream %d %s: %s, %.1f s of audio, %d final(s), peer %s", stream.id, outcome, language,
+                        session.audio_s, session.finals_sent, context.peer())
 
     async def Recognize(self, request, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "only StreamingRecognize is served")
@@ -124,6 +129,8 @@ class _Session:
         self.out: asyncio.Queue = asyncio.Queue()
         self.tasks: list[asyncio.Task] = []
         self.closed = False
+        self.audio_s = 0.0
+        self.finals_sent = 0
 
     async def run(self, requests):
         self.tasks = [asyncio.ensure_future(self._read(requests)), asyncio.ensure_future(self._results())]
@@ -137,6 +144,7 @@ class _Session:
             elif isinstance(item, Final):
                 self.finals_pending -= 1
                 if item.text:
+                    self.finals_sent += 1
                     yield self._response(item, final=True)
             elif isinstance(item, Partial) and self.interim and item.text:
                 yield self._response(item, final=False)
@@ -183,6 +191,7 @@ class _Session:
     def _put_audio(self, pcm: bytes) -> None:
         if pcm:
             self.stream.feed(pcm)
+            self.audio_s += len(pcm) / 32000
             self.audio_since_final = True
 
     async def _finalize(self) -> None:
