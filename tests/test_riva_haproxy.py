@@ -5,7 +5,6 @@ as shipped): `mode http` with HTTP/2 spreads the streams of one shared gRPC conn
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -15,25 +14,13 @@ import pytest
 from riva.client.proto import riva_asr_pb2, riva_asr_pb2_grpc
 
 from pipecat_nemotron.apps.riva.server import start_riva_server
-from pipecat_nemotron.engine import Engine
-from test_riva_server import HELDOUT, ROWS, heldout_16k, words
+from test_riva_server import ROWS, demo_engine_fixture, free_port, heldout_16k, words
 
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is installed by scripts/setup-system.sh")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def demo_engine():
-    engine = Engine(model="demo", chunk_ms=160, device="cpu", max_streams=12, max_admission_lag_s=None)
-    engine.wait_ready()
-    yield engine
-    engine.close()
+demo_engine = demo_engine_fixture(12)
 
 
 @pytest.fixture

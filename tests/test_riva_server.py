@@ -4,6 +4,7 @@
 import asyncio
 import json
 import re
+import socket
 from pathlib import Path
 
 import grpc
@@ -23,12 +24,24 @@ def words(text: str) -> list[str]:
     return re.sub(r"[¿?¡!.,;:]|<[a-z]{2}-[A-Z]{2}>", " ", text).lower().split()
 
 
-@pytest.fixture(scope="module")
-def demo_engine():
-    engine = Engine(model="demo", chunk_ms=160, device="cpu", max_streams=3, max_admission_lag_s=None)
-    engine.wait_ready()
-    yield engine
-    engine.close()
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def demo_engine_fixture(max_streams: int):
+    """A module-scoped demo-model engine with `max_streams` slots that admits however far behind (test feeds)."""
+    @pytest.fixture(scope="module")
+    def demo_engine():
+        engine = Engine(model="demo", chunk_ms=160, device="cpu", max_streams=max_streams, max_admission_lag_s=None)
+        engine.wait_ready()
+        yield engine
+        engine.close()
+    return demo_engine
+
+
+demo_engine = demo_engine_fixture(3)
 
 
 @pytest.fixture
@@ -184,16 +197,13 @@ async def test_concurrent_streams_share_engine_steps_and_one_beyond_capacity_is_
 
 def test_serve_riva_command_serves_riva_client(tmp_path):
     """`pipecat-nemotron serve-riva` as a user runs it; riva.client's health check and a streamed file."""
-    import socket
     import subprocess
     import sys
     import time
 
     from riva.client.proto import health_pb2, health_pb2_grpc
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     exe = Path(sys.executable).with_name("pipecat-nemotron")
     log = open(tmp_path / "server.log", "w+")
     server = subprocess.Popen([str(exe), "serve-riva", "--model", "demo", "--port", str(port), "--max-streams", "2"],
@@ -249,7 +259,7 @@ async def test_nemotron_stt_service_on_a_remote_server_gives_the_in_process_text
     assert servicer.streams_opened >= 2
 
 
-async def test_a_remote_server_that_is_down_gives_an_error_not_a_hang(riva_server):
+async def test_a_remote_server_that_is_down_gives_an_error_not_a_hang():
     from pipecat.frames.frames import (ErrorFrame, InputAudioRawFrame, TranscriptionFrame, VADUserStartedSpeakingFrame,
                                        VADUserStoppedSpeakingFrame)
     from pipecat.pipeline.worker import PipelineParams
@@ -257,29 +267,15 @@ async def test_a_remote_server_that_is_down_gives_an_error_not_a_hang(riva_serve
 
     from pipecat_nemotron.stt import NemotronSTTService
 
-    address, _ = riva_server
-    with socket_closed_port() as dead:
-        stt = NemotronSTTService(server=f"127.0.0.1:{dead}")
-        pcm = heldout_16k("en-US_00001.wav", silence_s=0.2)
-        utterance = [VADUserStartedSpeakingFrame(start_secs=0.2),
-                     *[InputAudioRawFrame(audio=pcm[i:i + 320].tobytes(), sample_rate=16000, num_channels=1)
-                       for i in range(0, len(pcm), 320)],
-                     VADUserStoppedSpeakingFrame(stop_secs=0.2), SleepFrame(sleep=1.0)]
-        down, up = await asyncio.wait_for(run_test(stt, frames_to_send=utterance, expected_up_frames=None,
-                                                   pipeline_params=PipelineParams(audio_in_sample_rate=16000)), 60)
+    stt = NemotronSTTService(server=f"127.0.0.1:{free_port()}")  # nothing listens there
+    pcm = heldout_16k("en-US_00001.wav", silence_s=0.2)
+    utterance = [VADUserStartedSpeakingFrame(start_secs=0.2),
+                 *[InputAudioRawFrame(audio=pcm[i:i + 320].tobytes(), sample_rate=16000, num_channels=1)
+                   for i in range(0, len(pcm), 320)],
+                 VADUserStoppedSpeakingFrame(stop_secs=0.2), SleepFrame(sleep=1.0)]
+    down, up = await asyncio.wait_for(run_test(stt, frames_to_send=utterance, expected_up_frames=None,
+                                               pipeline_params=PipelineParams(audio_in_sample_rate=16000)), 60)
     errors = [f for f in up if isinstance(f, ErrorFrame)]
     assert errors and "UNAVAILABLE" in errors[0].error, up
     assert not [f for f in down if isinstance(f, TranscriptionFrame)]
 
-
-def socket_closed_port():
-    import contextlib
-    import socket
-
-    @contextlib.contextmanager
-    def port():
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            number = probe.getsockname()[1]
-        yield number
-    return port()
