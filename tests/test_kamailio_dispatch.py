@@ -319,6 +319,28 @@ async def test_calls_spread_over_the_nodes_by_load_and_are_all_transcribed(clust
     assert all(r.answered for r in results) and sorted(per_node.values()) == [2, 2, 2], per_node
 
 
+@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp missing (Debian sip-tester); run scripts/setup-system.sh")
+async def test_sipp_as_the_carrier_six_calls_through_the_proxy(cluster, tmp_path):
+    """A third-party UA (sipp, tests/sip/uac_dtmf.xml: ACK and BYE along [routes]) through the proxy: every call
+    completes and the nodes share them by load."""
+    answered_before = {node.name: _answered_count(node) for node in cluster.nodes}
+    proc = await asyncio.create_subprocess_exec(
+        "sipp", "-sf", str(Path(__file__).parent / "sip" / "uac_dtmf.xml"), "-s", "bot",
+        f"{HOST}:{cluster.proxy.port}", "-i", HOST, "-p", str(free_port()), "-mi", HOST,
+        "-mp", str(free_port() & ~1), "-m", "6", "-l", "6", "-r", "20", "-nostdin", "-trace_err",
+        "-error_file", str(tmp_path / "sipp-errors.log"), "-timeout", "30s", "-timeout_error",
+        cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(proc.communicate(), 40)
+    errors = (tmp_path / "sipp-errors.log").read_text(errors="replace") if (tmp_path / "sipp-errors.log").exists() else ""
+    assert proc.returncode == 0, errors[-3000:] + stderr.decode(errors="replace")[-2000:]
+    per_node = {node.name: _answered_count(node) - answered_before[node.name] for node in cluster.nodes}
+    assert sorted(per_node.values()) == [2, 2, 2], per_node
+
+
+def _answered_count(node: Node) -> int:
+    return sum("transcribing" in line for line in node.log_text().splitlines())
+
+
 async def test_a_full_node_is_skipped_and_an_invite_that_reaches_it_fails_over(cluster):
     proxy = cluster.proxy.address
     hold = audio_of("en-US_00001.wav", tail_s=5.0)  # ~9 s: long enough to keep nodes busy through the test
