@@ -4,9 +4,12 @@ model's held-out speech) against `pipecat-nemotron serve-sip` in this process, N
 For each N the node runs with --max-calls N; every caller plays a different held-out utterance (0.3 s lead,
 1.5 s tail). Per run we record the engine's worst audio lag (how old audio is when it is stepped), the
 VAD-stop→final latency of every final, and refusals. A node "holds" N calls when the median over runs of the
-worst lag is ≤ 0.5 s and nothing is refused or dropped. That N sets serve-sip's default --max-calls.
+worst lag is ≤ 0.5 s and nothing is refused or dropped. That N sets serve-sip's default --max-calls and the
+per-node maxload of deploy/kamailio/dispatcher.list (keep the two equal). The callers run in the node's own
+process and event loop, so the figure is on the safe side of what a node behind a proxy holds.
 
     .venv/bin/python benchmarks/sip_capacity.py --calls 4 8 12 16 --runs 3
+    .venv/bin/python benchmarks/sip_capacity.py --calls 24 32 40 --runs 5 --name sip_capacity_demo_node
 """
 
 from __future__ import annotations
