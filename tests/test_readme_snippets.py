@@ -30,6 +30,7 @@ FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>python|bash)\s*$")
 SERVERS = {
     "pipecat-nemotron serve-sip": ("log", "phone transcriber on sip:"),
     "pipecat-nemotron serve-webrtc": ("http", 7860, "/api/health"),
+    "pipecat-nemotron serve-riva": ("log", "serve-riva: listening on"),
     "python examples/twilio_agent.py": ("http", 8765, "/twiml"),
     "python examples/bot.py": ("http", 7860, "/client/"),
     "SIPServer(": ("log", "SIP server listening"),
