@@ -279,3 +279,81 @@ async def test_a_remote_server_that_is_down_gives_an_error_not_a_hang():
     assert errors and "UNAVAILABLE" in errors[0].error, up
     assert not [f for f in down if isinstance(f, TranscriptionFrame)]
 
+
+
+def test_serve_riva_drains_on_sigterm_finalizing_live_streams_and_counts_them(tmp_path):
+    """SIGTERM: new streams UNAVAILABLE and health NOT_SERVING at once; a stream still talking at the bound gets the
+    final of what it said and ends OK; the process exits 0; /metrics counted it all."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    from riva.client.proto import health_pb2, health_pb2_grpc
+
+    port, metrics_port = free_port(), free_port()
+    exe = Path(sys.executable).with_name("pipecat-nemotron")
+    log = open(tmp_path / "server.log", "w+")
+    server = subprocess.Popen([str(exe), "serve-riva", "--model", "demo", "--port", str(port), "--drain-timeout", "3",
+                               "--metrics-port", str(metrics_port)], stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+
+    def health():
+        with grpc.insecure_channel(address) as channel:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if health() == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                time.sleep(0.5)
+        name = "es-ES_00000.wav"
+        speech = heldout_16k(name, silence_s=0.0)
+        held = {"finals": [], "error": None}
+        sent = threading.Event()
+
+        def talking():  # speech, then the line stays open (no half-close): only the server can end it
+            def requests():
+                yield riva_asr_pb2.StreamingRecognizeRequest(streaming_config=riva_asr_pb2.StreamingRecognitionConfig(
+                    config=riva_asr_pb2.RecognitionConfig(encoding=1, sample_rate_hertz=16000)))
+                for i in range(0, len(speech), 1600):
+                    yield riva_asr_pb2.StreamingRecognizeRequest(audio_content=speech[i:i + 1600].tobytes())
+                sent.set()
+                time.sleep(60)
+            try:
+                with grpc.insecure_channel(address) as channel:
+                    for response in riva_asr_pb2_grpc.RivaSpeechRecognitionStub(channel).StreamingRecognize(requests()):
+                        held["finals"] += [r.alternatives[0].transcript for r in response.results if r.is_final]
+            except grpc.RpcError as error:
+                held["error"] = error.code()
+
+        thread = threading.Thread(target=talking, daemon=True)
+        thread.start()
+        assert sent.wait(30)
+        time.sleep(0.5)
+        server.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert health() == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            stream_file(address, HELDOUT / "en-US_00001.wav")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in refused.value.details()
+        with pytest.raises(urllib.error.HTTPError) as healthz:
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=5)
+        assert healthz.value.code == 503
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        thread.join(30)
+        assert held["error"] is None and words(" ".join(held["finals"])) == words(ROWS[name]["text"]), held
+        assert server.wait(30) == 0
+        assert 'nemotron_calls_refused_total{reason="draining"} 1.0' in metrics
+        assert "nemotron_calls_answered_total 1.0" in metrics  # the warm-up is not a call; health checks neither
+    finally:
+        if server.poll() is None:
+            server.kill()
+        log.seek(0)
+        print(log.read()[-3000:])

@@ -271,6 +271,9 @@ def serve_riva(
                                               help="client streams at once; beyond it RESOURCE_EXHAUSTED"),
     threads: Optional[int] = typer.Option(None, min=1, show_default="CPUs - 1, at least 1",
                                           help="CPU threads of the model"),
+    drain_timeout: float = typer.Option(60.0, min=0, help=DRAIN_HELP.replace("calls", "streams")),
+    metrics_port: Optional[int] = typer.Option(None, min=0, max=65535, show_default="off", help=METRICS_PORT_HELP),
+    metrics_host: str = typer.Option("127.0.0.1", help=METRICS_HOST_HELP),
 ):
     """A Riva-compatible streaming ASR server (nvidia.riva.asr gRPC): bots in many processes share one engine."""
     import logging
@@ -284,7 +287,7 @@ def serve_riva(
 
     streams = max_streams or default_max_calls(model, device)[0]
     run_riva_server(host=host, port=port, model=model, chunk_ms=chunk_ms, device=device, max_streams=streams,
-                    threads=threads)
+                    threads=threads, drain_timeout=drain_timeout, metrics_port=metrics_port, metrics_host=metrics_host)
 
 
 @app.command()

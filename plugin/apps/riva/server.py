@@ -9,6 +9,8 @@ import grpc
 from riva.client.proto import health_pb2, health_pb2_grpc, riva_asr_pb2_grpc
 
 from ...engine import Engine
+from ..drain import DEFAULT_DRAIN_TIMEOUT_S, Drain
+from ..metrics import AdminServer, ServerMetrics
 from .service import RivaASRServicer
 
 logger = logging.getLogger("pipecat_nemotron.riva")
@@ -16,25 +18,30 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one audio_content message; larger ones ge
 
 
 class EngineHealth(health_pb2_grpc.HealthServicer):
-    """`grpc.health.v1.Health`: SERVING while the engine is alive and has room for a stream."""
+    """`grpc.health.v1.Health`: SERVING while the engine is alive, has room for a stream and the server is not
+    draining."""
 
-    def __init__(self, *, engine):
+    def __init__(self, *, engine, drain=None):
         self.engine = engine
+        self.drain = drain
 
     async def Check(self, request, context):
-        serving = self.engine.alive and self.engine.has_capacity
+        draining = self.drain is not None and self.drain.draining
+        serving = self.engine.alive and self.engine.has_capacity and not draining
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 
 
 async def start_riva_server(*, engine: Engine, host: str = "127.0.0.1", port: int = 50051,
-                            model_name: str | None = None) -> tuple[grpc.aio.Server, int, RivaASRServicer]:
+                            model_name: str | None = None, drain=None,
+                            metrics=None) -> tuple[grpc.aio.Server, int, RivaASRServicer]:
     """Start serving on host:port (0: any free port) with a loaded engine; returns (server, port, servicer)."""
     await engine.ready()
-    servicer = RivaASRServicer(engine=engine, model_name=model_name or engine.model_name)
+    servicer = RivaASRServicer(engine=engine, model_name=model_name or engine.model_name, drain=drain,
+                               metrics=metrics)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     riva_asr_pb2_grpc.add_RivaSpeechRecognitionServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(EngineHealth(engine=engine), server)
+    health_pb2_grpc.add_HealthServicer_to_server(EngineHealth(engine=engine, drain=drain), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     logger.info("serve-riva: listening on %s:%d (%s, %d ms chunks)", host, bound, engine.model_name, engine.chunk_ms)
@@ -42,17 +49,41 @@ async def start_riva_server(*, engine: Engine, host: str = "127.0.0.1", port: in
 
 
 async def serve_riva(*, host: str, port: int, model: str, chunk_ms: int, device: str, max_streams: int,
-                     threads: int | None = None) -> None:
-    """Load the model, warm it up, and serve until interrupted."""
+                     threads: int | None = None, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
+                     metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
+    """Load the model, warm it up, and serve until SIGTERM (a graceful drain: new streams UNAVAILABLE, health
+    NOT_SERVING, live streams go on up to `drain_timeout`, then each is finalized and ended OK) or SIGINT."""
+    drain = Drain(timeout_s=drain_timeout)
+    drain.install_signal_handlers()
     engine = Engine.shared(model=model, chunk_ms=chunk_ms, device=device, max_streams=max_streams,
                            **({"threads": threads} if threads else {}))
-    await engine.ready()
-    await engine.warm_up()
-    server, _, _ = await start_riva_server(engine=engine, host=host, port=port)
+    metrics = ServerMetrics(drain=drain, engine=lambda: engine)
+    admin = None
+    if metrics_port is not None:
+        admin = AdminServer(metrics=metrics, drain=drain, host=metrics_host, port=metrics_port)
+        admin.start()
     try:
-        await server.wait_for_termination()
+        await engine.ready()
+        await engine.warm_up()
+        server, _, servicer = await start_riva_server(engine=engine, host=host, port=port, drain=drain,
+                                                      metrics=metrics)
+        metrics.status.listening = True
+        serving = asyncio.ensure_future(server.wait_for_termination())
+        requested = asyncio.ensure_future(drain.requested())
+        await asyncio.wait([serving, requested], return_when=asyncio.FIRST_COMPLETED)
+        if requested.done():
+            logger.info("serve-riva: draining %d live stream(s)", servicer.live)
+            if not await drain.wait_for(lambda: servicer.live == 0):
+                logger.info("serve-riva: drain bound reached; ending %d stream(s) with their finals", servicer.live)
+                await servicer.end_sessions()
+                await drain.wait_until(lambda: servicer.live == 0, 10.0)
+        metrics.status.listening = False
+        await server.stop(grace=2)
+        serving.cancel()
     finally:
-        await server.stop(grace=5)
+        drain.remove_signal_handlers()
+        if admin is not None:
+            await asyncio.to_thread(admin.close)
 
 
 def run_riva_server(**options) -> None:

@@ -18,6 +18,7 @@ import grpc
 from riva.client.proto import riva_asr_pb2, riva_asr_pb2_grpc
 
 from ...engine import Final, NemotronEngineError, Partial
+from ..drain import engine_refusal
 from .audio import AudioConfigError, StreamAudio
 from .endpointing import EndpointingSettings, Endpointer
 
@@ -42,12 +43,17 @@ class RivaASRServicer(riva_asr_pb2_grpc.RivaSpeechRecognitionServicer):
     Args (keyword-only):
         engine: the loaded engine every stream runs on.
         model_name: the name `GetRivaSpeechRecognitionConfig` reports.
+        drain: the server's `drain.Drain`: while it drains, new streams get UNAVAILABLE ("draining") at once.
+        metrics: the server's `metrics.ServerMetrics` (streams counted as calls: answered, refused, ended, finals).
     """
 
-    def __init__(self, *, engine, model_name: str):
+    def __init__(self, *, engine, model_name: str, drain=None, metrics=None):
         self.engine = engine
         self.model_name = model_name
+        self.drain = drain
+        self.calls = metrics.calls if metrics is not None else None
         self.streams_opened = 0
+        self.sessions: set[_Session] = set()
 
     async def StreamingRecognize(self, request_iterator, context):
         requests = request_iterator.__aiter__()
@@ -64,8 +70,12 @@ class RivaASRServicer(riva_asr_pb2_grpc.RivaSpeechRecognitionServicer):
             audio = StreamAudio(encoding=streaming.config.encoding, sample_rate=streaming.config.sample_rate_hertz)
         except (AudioConfigError, RequestError) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        if self.drain is not None and self.drain.draining:
+            self._count("refused", "draining")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the ASR server is draining; retry on another server")
         reservation = self.engine.try_reserve()
         if reservation is None:
+            self._count("refused", engine_refusal(self.engine))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 "the ASR server is at capacity (or behind real time); retry on another server")
         try:
@@ -75,22 +85,42 @@ class RivaASRServicer(riva_asr_pb2_grpc.RivaSpeechRecognitionServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         self.streams_opened += 1
         session = _Session(stream, audio, Endpointer(EndpointingSettings.from_config(streaming.config)),
-                           interim=streaming.interim_results)
+                           interim=streaming.interim_results,
+                           on_final=self.calls.final if self.calls is not None else None)
+        self.sessions.add(session)
+        self._count("answered")
         # A client that goes away while this generator waits at a `yield` never resumes it, so its `finally` would
         # only run at garbage collection: the RPC's end frees the engine stream instead (idempotent).
         context.add_done_callback(lambda _: asyncio.ensure_future(session.close()))
-        outcome = "cancelled"
+        outcome = "client left"
         try:
             async for response in session.run(requests):
                 yield response
-            outcome = "ok"
+            outcome = "drain timeout: ended by the server" if session.ended_by_server else "ended"
         except RequestError as error:
-            outcome = error.code.name
+            outcome = f"failed: {error.code.name}"
             await context.abort(error.code, str(error))
         finally:
             await session.close()
+            if session in self.sessions:
+                self.sessions.discard(session)
+                self._count("ended", outcome)
             logger.info("stream %d %s: %s, %.1f s of audio, %d final(s), peer %s", stream.id, outcome, language,
                         session.audio_s, session.finals_sent, context.peer())
+
+    @property
+    def live(self) -> int:
+        return len(self.sessions)
+
+    async def end_sessions(self) -> None:
+        """End every live stream from the server side: its last utterance is finalized and its final sent, then
+        its RPC ends OK (a drain's bound)."""
+        for session in list(self.sessions):
+            await session.end_now()
+
+    def _count(self, event: str, *args) -> None:
+        if self.calls is not None:
+            getattr(self.calls, event)(*args)
 
     async def Recognize(self, request, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "only StreamingRecognize is served")
@@ -119,8 +149,10 @@ class RivaASRServicer(riva_asr_pb2_grpc.RivaSpeechRecognitionServicer):
 class _Session:
     """One RPC's stream: reads audio into the engine, endpoints it, and yields the responses."""
 
-    def __init__(self, stream, audio: StreamAudio, endpointer: Endpointer, *, interim: bool):
+    def __init__(self, stream, audio: StreamAudio, endpointer: Endpointer, *, interim: bool, on_final=None):
         self.stream = stream
+        self.on_final = on_final
+        self.ended_by_server = False
         self.audio = audio
         self.endpointer = endpointer
         self.interim = interim
@@ -143,11 +175,25 @@ class _Session:
                 raise item
             elif isinstance(item, Final):
                 self.finals_pending -= 1
+                if self.on_final is not None:
+                    self.on_final(item.latency_s)
                 if item.text:
                     self.finals_sent += 1
                     yield self._response(item, final=True)
             elif isinstance(item, Partial) and self.interim and item.text:
                 yield self._response(item, final=False)
+
+    async def end_now(self) -> None:
+        """Stop reading the client's audio, finalize what it said, and let the RPC end once that final is out."""
+        if self.closed or self.ended_by_server or not self.tasks:
+            return
+        self.ended_by_server = True
+        reader = self.tasks[0]
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        if self.audio_since_final:
+            await self._finalize()
+        self.out.put_nowait(_DONE)
 
     async def close(self) -> None:
         """End the engine stream and release its reservation (once, whoever calls first)."""
