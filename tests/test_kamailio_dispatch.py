@@ -541,6 +541,51 @@ async def test_fifty_calls_at_once_are_answered_and_transcribed_or_refused_befor
     assert all(mb < 60 for mb in growth.values()), growth
 
 
+class RefusingNode(asyncio.DatagramProtocol):
+    """A stand-in node that answers OPTIONS 200 (so it stays in rotation) and every INVITE 503, as a serve-sip
+    whose engine just started lagging does."""
+
+    def __init__(self):
+        self.invites = 0
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        from pipecat_nemotron.transports.sip.message import SIPRequest, parse_message
+
+        message = parse_message(data)
+        if not isinstance(message, SIPRequest) or message.method == "ACK":
+            return
+        status = "200 OK" if message.method == "OPTIONS" else "503 Service Unavailable"
+        self.invites += message.method == "INVITE"
+        lines = [f"SIP/2.0 {status}"] + [f"Via: {via}" for via in message.get_all("Via")]
+        lines += [f"{name}: {message.get(name)}" for name in ("From", "Call-ID", "CSeq")]
+        lines += [f"To: {message.get('To')};tag=refuser", "Retry-After: 1", "Content-Length: 0", "", ""]
+        self.transport.sendto("\r\n".join(lines).encode(), addr)
+
+
+async def test_when_every_node_refuses_the_caller_gets_503_with_retry_after(network, tmp_path):
+    """Each node answers the INVITE 503 although the proxy counted room on it: after trying them all the proxy
+    answers 503 + Retry-After itself (not the 500 tm would make of a relayed 503)."""
+    loop = asyncio.get_running_loop()
+    endpoints = [await loop.create_datagram_endpoint(RefusingNode, local_addr=(HOST, 0)) for _ in range(2)]
+    nodes = [Node(f"refuser{i}", tmp_path) for i in range(2)]
+    for node, (transport, _) in zip(nodes, endpoints):
+        node.port = transport.get_extra_info("sockname")[1]
+    proxy = Proxy(nodes, tmp_path)
+    proxy.start()
+    try:
+        result = await place_call(proxy.address, audio_of("es-ES_00000.wav", tail_s=0.1), timeout=10)
+        assert result.status == 503 and result.retry_after and not result.answered, result
+        assert [protocol.invites for _, protocol in endpoints] == [1, 1]  # both tried, each once
+        assert proxy.lines(f"{result.call_id}: no node left, 503")
+    finally:
+        proxy.stop()
+        for transport, _ in endpoints:
+            transport.close()
+
+
 def test_isolation_mode(network):
     print(f"Kamailio dispatch tests ran on: {network}")
     if network.startswith("private"):
