@@ -357,3 +357,58 @@ def test_serve_riva_drains_on_sigterm_finalizing_live_streams_and_counts_them(tm
             server.kill()
         log.seek(0)
         print(log.read()[-3000:])
+
+
+async def test_tls_streams_to_a_client_that_trusts_the_certificate(demo_engine, tmp_path):
+    import subprocess
+
+    from pipecat_nemotron.apps.riva.server import read_tls
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server, port, _ = await start_riva_server(engine=demo_engine, host="localhost", port=0,
+                                              tls=read_tls(str(cert), str(key)))
+    try:
+        def stream(ssl: bool):
+            auth = riva.client.Auth(ssl_root_cert=str(cert) if ssl else None, use_ssl=ssl, uri=f"localhost:{port}")
+            service = riva.client.ASRService(auth)
+            config = riva.client.StreamingRecognitionConfig(config=riva.client.RecognitionConfig(max_alternatives=1))
+            with riva.client.AudioChunkFileIterator(str(HELDOUT / "en-US_00001.wav"), 1600) as chunks:
+                return list(service.streaming_response_generator(audio_chunks=chunks, streaming_config=config))
+        responses = await asyncio.to_thread(stream, True)
+        finals = [r.alternatives[0].transcript for response in responses for r in response.results if r.is_final]
+        assert words(" ".join(finals)) == words(ROWS["en-US_00001.wav"]["text"])
+        with pytest.raises(grpc.RpcError):  # plaintext to a TLS port
+            await asyncio.wait_for(asyncio.to_thread(stream, False), 30)
+    finally:
+        await server.stop(grace=None)
+    with pytest.raises(ValueError, match="both"):
+        read_tls(str(cert), None)
+
+
+async def test_streams_from_several_client_processes_share_engine_steps(riva_server, demo_engine):
+    import subprocess
+    import sys
+
+    address, _ = riva_server
+    deadline = asyncio.get_running_loop().time() + 20
+    while demo_engine.open_streams and asyncio.get_running_loop().time() < deadline:  # earlier tests' clients
+        await asyncio.sleep(0.05)
+    before = len(demo_engine.stats.batch_sizes)
+    script = ("import sys, riva.client\n"
+              "service = riva.client.ASRService(riva.client.Auth(uri=sys.argv[1]))\n"
+              "config = riva.client.StreamingRecognitionConfig(config=riva.client.RecognitionConfig())\n"
+              "with riva.client.AudioChunkFileIterator(sys.argv[2], 800, delay_callback=riva.client.sleep_audio_length)"
+              " as chunks:\n"
+              "    for response in service.streaming_response_generator(audio_chunks=chunks, streaming_config=config):\n"
+              "        for result in response.results:\n"
+              "            if result.is_final: print(result.alternatives[0].transcript, flush=True)\n")
+    names = ["en-US_00001.wav", "es-ES_00000.wav", "de-DE_00002.wav"]
+    clients = [await asyncio.create_subprocess_exec(sys.executable, "-c", script, address, str(HELDOUT / name),
+                                                    stdout=asyncio.subprocess.PIPE) for name in names]
+    outputs = [(await client.communicate())[0].decode() for client in clients]
+    for name, output, client in zip(names, outputs, clients):
+        assert client.returncode == 0 and words(output) == words(ROWS[name]["text"]), (name, output)
+    assert max(list(demo_engine.stats.batch_sizes)[before:]) > 1, "three processes' streams should share steps"

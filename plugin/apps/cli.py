@@ -274,6 +274,9 @@ def serve_riva(
     drain_timeout: float = typer.Option(60.0, min=0, help=DRAIN_HELP.replace("calls", "streams")),
     metrics_port: Optional[int] = typer.Option(None, min=0, max=65535, show_default="off", help=METRICS_PORT_HELP),
     metrics_host: str = typer.Option("127.0.0.1", help=METRICS_HOST_HELP),
+    tls_cert: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                            help="PEM certificate chain: serve gRPC over TLS (with --tls-key)"),
+    tls_key: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="PEM private key for --tls-cert"),
 ):
     """A Riva-compatible streaming ASR server (nvidia.riva.asr gRPC): bots in many processes share one engine."""
     import logging
@@ -285,9 +288,12 @@ def serve_riva(
     from .phone import default_max_calls
     from .riva.server import run_riva_server
 
+    if (tls_cert is None) != (tls_key is None):
+        _fail("TLS needs both --tls-cert and --tls-key")
     streams = max_streams or default_max_calls(model, device)[0]
     run_riva_server(host=host, port=port, model=model, chunk_ms=chunk_ms, device=device, max_streams=streams,
-                    threads=threads, drain_timeout=drain_timeout, metrics_port=metrics_port, metrics_host=metrics_host)
+                    threads=threads, drain_timeout=drain_timeout, metrics_port=metrics_port, metrics_host=metrics_host,
+                    tls_cert=str(tls_cert) if tls_cert else None, tls_key=str(tls_key) if tls_key else None)
 
 
 @app.command()
