@@ -58,7 +58,7 @@ class SIPUserAgentServer:
     ``address``, ``start``, ``close``); the server sets its ``on_message`` and ``in_use`` hooks.
 
     ``on_rejected(invite, source, reason)``, when set, is told of every new INVITE refused by the policy before
-    any call exists (for metrics): ``reason`` is ``"forbidden"`` (403), ``"call_limit"`` (503, ``max_calls``)
+    any call exists, just before the refusal is sent (for metrics that agree with what callers saw): ``reason`` is ``"forbidden"`` (403), ``"call_limit"`` (503, ``max_calls``)
     or the admission's ``refusal`` attribute when it has one (e.g. ``"draining"``), else ``"no_capacity"``.
     """
 
@@ -168,9 +168,9 @@ class SIPUserAgentServer:
             return
         if not self.config.allows(source[0]):
             if request.method != "ACK":
-                self.responses.respond(request, source, 403)
-                if request.method == "INVITE":
+                if request.method == "INVITE":  # told first: whoever sees the 403 sees it counted
                     self._log_rejected(request, source, "rejected 403 (peer not allowed)", "forbidden")
+                self.responses.respond(request, source, 403)
             return
         required = [o for o in request.get_all("Require") if o.lower() not in SUPPORTED_EXTENSIONS]
         if required and request.method not in ("ACK", "CANCEL"):
@@ -203,15 +203,15 @@ class SIPUserAgentServer:
             self.responses.respond(request, source, 482)
             return
         if self.active_calls >= self.config.max_calls:
-            self.responses.respond(request, source, 503, reason="Service Unavailable (call limit reached)")
             self._log_rejected(request, source, f"rejected 503 (call limit {self.config.max_calls})", "call_limit")
+            self.responses.respond(request, source, 503, reason="Service Unavailable (call limit reached)")
             return
         reservation = self._reserve()
         if self.config.admission is not None and reservation is None:
             why = str(getattr(self.config.admission, "refusal", None) or "no_capacity")
             said = why.replace("_", " ")
-            self.responses.respond(request, source, 503, reason=f"Service Unavailable ({said})")
             self._log_rejected(request, source, f"rejected 503 (admission: {said})", why)
+            self.responses.respond(request, source, 503, reason=f"Service Unavailable ({said})")
             return
         try:
             self.responses.respond(request, source, 100)
