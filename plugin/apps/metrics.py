@@ -323,7 +323,10 @@ class AdminServer:
             def log_message(self, format, *args):  # scrapes every few seconds: not in the server's log
                 pass
 
-        self._httpd = ThreadingHTTPServer((self.host, self.port), Handler)
+        try:
+            self._httpd = ThreadingHTTPServer((self.host, self.port), Handler)
+        except OSError as error:
+            raise OSError(error.errno, f"metrics port {self.host}:{self.port}: {error.strerror}") from None
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="nemotron-admin", daemon=True)

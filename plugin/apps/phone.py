@@ -28,6 +28,7 @@ import sys
 from datetime import datetime, timezone
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import IO
 
 from loguru import logger
@@ -176,15 +177,27 @@ async def serve(args: argparse.Namespace, *, stt_factory=None, out: IO[str] | No
     drain.bind()
     if handle_signals:  # before the load: a SIGTERM while loading drains a server with no calls, i.e. exits
         drain.install_signal_handlers()
+    node = SimpleNamespace(engine=None, server=None)  # filled in as they come up
+    metrics = ServerMetrics(drain=drain, engine=lambda: node.engine,
+                            rate_limited=lambda: node.server.uas.wire.rate_limited if node.server else 0)
+    admin = catch_up = None
     try:
-        await _serve(args, stt_factory=stt_factory, out=out, ready=ready, drain=drain)
+        if getattr(args, "metrics_port", None) is not None:  # up during the load: /healthz 503 until SIP listens
+            admin = AdminServer(metrics=metrics, drain=drain, host=args.metrics_host, port=args.metrics_port)
+            admin.start()
+            catch_up = asyncio.ensure_future(_catch_up(metrics))
+        await _serve(args, stt_factory=stt_factory, out=out, ready=ready, drain=drain, metrics=metrics, node=node)
     finally:
+        if catch_up is not None:
+            catch_up.cancel()
+        if admin is not None:
+            await asyncio.to_thread(admin.close)
         if handle_signals:
             drain.remove_signal_handlers()
 
 
 async def _serve(args: argparse.Namespace, *, stt_factory, out: IO[str] | None, ready: asyncio.Event | None,
-                 drain: Drain) -> None:
+                 drain: Drain, metrics: ServerMetrics, node: SimpleNamespace) -> None:
     out = out or (sys.stdout if args.output == "-" else open(args.output, "a", encoding="utf-8"))
     if args.max_calls is None:
         args.max_calls, source = default_max_calls(args.model, args.device)
@@ -200,15 +213,13 @@ async def _serve(args: argparse.Namespace, *, stt_factory, out: IO[str] | None, 
         with loading(Console(stderr=True), f"{args.model} ({args.chunk_ms} ms chunks)"):
             engine = await NemotronSTTService.preload(model=args.model, chunk_ms=args.chunk_ms, device=args.device,
                                                       max_streams=max(args.max_calls, 1), threads=args.threads)
+        node.engine = engine
         # One capacity truth: the SIP server reserves an engine stream before it answers (503 + Retry-After
         # when none is free, OPTIONS 503 while full); the call's STT service runs on that reservation.
         stt_factory = lambda call: make_stt(args, engine=engine, reservation=call.reservation)  # noqa: E731
     # ... and refuses every new call while draining, through the same path (INVITE 503 + Retry-After, OPTIONS 503)
     admission = DrainingAdmission(drain=drain, engine=engine)
     greeting = load_greeting(args.greeting) if args.greeting else None
-    server: SIPServer | None = None
-    metrics = ServerMetrics(drain=drain, engine=lambda: engine,
-                            rate_limited=lambda: server.uas.wire.rate_limited if server is not None else 0)
     calls = metrics.calls
 
     async def on_call(call: SIPCall):
@@ -233,15 +244,9 @@ async def _serve(args: argparse.Namespace, *, stt_factory, out: IO[str] | None, 
                        udp_rate_per_source=args.sip_rate, udp_burst_per_source=max(1, int(2 * args.sip_rate)),
                        tcp_max_connections=args.tcp_max_connections, tcp_max_per_source=args.tcp_max_per_source,
                        tcp_idle_secs=args.tcp_idle_secs)
-    server = SIPServer(on_call=on_call, config=config)
+    server = node.server = SIPServer(on_call=on_call, config=config)
     server.uas.on_rejected = on_rejected
-    admin = None
-    catch_up = None
     try:
-        if getattr(args, "metrics_port", None) is not None:
-            admin = AdminServer(metrics=metrics, drain=drain, host=args.metrics_host, port=args.metrics_port)
-            admin.start()
-            catch_up = asyncio.ensure_future(_catch_up(metrics))
         host, port = await server.start()
         metrics.status.listening = True
         logger.info(f"phone transcriber on sip:transcriber@{host}:{port} (max {args.max_calls} calls)")
@@ -252,10 +257,6 @@ async def _serve(args: argparse.Namespace, *, stt_factory, out: IO[str] | None, 
     finally:
         metrics.status.listening = False
         await server.stop()
-        if catch_up is not None:
-            catch_up.cancel()
-        if admin is not None:
-            await asyncio.to_thread(admin.close)
 
 
 async def _catch_up(metrics: ServerMetrics) -> None:
@@ -357,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(serve(args, handle_signals=True))
     except KeyboardInterrupt:
         pass
+    except OSError as error:  # a port in use, an address not on this machine
+        logger.error(f"serve-sip: {error}")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -567,6 +567,9 @@ def run_webrtc_server(*, host: str = "127.0.0.1", port: int = 7860, model: str =
     except (NemotronEngineError, ValueError) as error:
         logger.error(f"serve-webrtc: {error}")
         raise SystemExit(2) from None
+    except OSError as error:  # a port in use (the page's or the metrics')
+        logger.error(f"serve-webrtc: {error}")
+        raise SystemExit(1) from None
 
 
 def _language(language: Language | str | None) -> Language | None:
