@@ -53,10 +53,15 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "ServerProcess":
+    def launch(self) -> "ServerProcess":
+        """Start the process without waiting for it."""
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen([*CLI, self.command, *self.args], cwd=ROOT, stdout=self._log,
                                         stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+    def start(self) -> "ServerProcess":
+        self.launch()
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

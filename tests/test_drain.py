@@ -124,3 +124,28 @@ async def test_post_drain_is_the_admin_action(serve_sip):
     assert status == 202 and '"draining": true' in body
     assert await server.exited(10) == 0  # no calls: done at once
     assert "POST /drain" in server.log()
+
+
+async def test_healthz_says_503_while_loading_and_sigterm_then_exits_0(tmp_path):
+    """The metrics port is up before the model: a balancer sees a loading node as not ready; SIGTERM while it
+    loads ends it with status 0 once loaded (no calls to wait for)."""
+    port = free_sip_port()
+    server = ServerProcess("serve-sip", "--model", "demo", "--device", "cpu", "--host", HOST, "--port", str(port),
+                           tmp_path=tmp_path)
+    server.launch()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        first = None
+        while first is None and loop.time() < deadline:
+            try:
+                first = server.health()
+            except OSError:
+                await asyncio.sleep(0.05)
+        assert first is not None, server.log()
+        status, health = first
+        assert status == 503 and not health["ready"] and not health["listening"], health
+        server.signal(signal.SIGTERM)
+        assert await server.exited(60) == 0
+    finally:
+        server.stop()
