@@ -171,7 +171,7 @@ class EngineCollector:
                 return
             self._seen_steps = steps
             batches = list(stats.batch_sizes)[-new:]
-            times = list(getattr(stats, "_recent", ()) or [stats.last_step_ms / 1000])[-new:]
+            times = (stats.recent_step_seconds or [stats.last_step_ms / 1000])[-new:]
             for batch in batches:
                 self._batch.observe(batch)
             for seconds in times:

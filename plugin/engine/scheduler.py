@@ -99,6 +99,11 @@ class EngineStats:
         recent = list(self._recent)
         return sum(recent) / (len(recent) * self.chunk_ms / 1000) if recent else 0.0
 
+    @property
+    def recent_step_seconds(self) -> list[float]:
+        """Durations of the last `RECENT` steps, oldest first (for a metrics exporter catching up on them)."""
+        return list(self._recent)
+
     def record_step(self, batch: int, seconds: float) -> None:
         self.steps += 1
         self.streams_stepped += batch
