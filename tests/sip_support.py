@@ -2,6 +2,9 @@
 transport.input() → collector → transport.output() pipeline run for one call (no ASR model)."""
 
 import asyncio
+import contextlib
+import os
+import socket
 from contextlib import asynccontextmanager
 
 from pipecat.frames.frames import EndFrame, OutputAudioRawFrame, StartFrame
@@ -103,3 +106,45 @@ async def run_call_pipeline(call, collector, *, bot_audio: bytes = b"", bot_fram
         await worker.queue_frame(EndFrame())
     await asyncio.wait_for(run, timeout)
     return events
+
+
+CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def loopback_up() -> None:
+    """Bring `lo` up (a fresh network namespace has it down)."""
+    import fcntl
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        flags = struct.unpack("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH", b"lo", 0))[:18])[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | IFF_UP))
+
+
+@contextlib.contextmanager
+def loopback_namespace():
+    """A private network namespace with only lo up, for this thread and the processes it starts; yields where the
+    test runs (the host's loopback when the sandbox does not allow a namespace)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    except OSError as exc:
+        yield f"host loopback ({exc})"
+        return
+    if libc.unshare(CLONE_NEWNET) != 0:
+        os.close(original)
+        yield f"host loopback (unshare not permitted: {os.strerror(ctypes.get_errno())})"
+        return
+    try:
+        loopback_up()
+        yield "private network namespace, loopback only"
+    finally:
+        libc.setns(original, CLONE_NEWNET)
+        os.close(original)
+
+
+def free_port(kind=socket.SOCK_DGRAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]

@@ -14,14 +14,11 @@ all the callers share the same 2 cores, so each node gets ``--max-calls`` and ``
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import fcntl
 import json
 import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -34,6 +31,7 @@ import pytest
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from sip_caller import call_audio, place_call  # noqa: E402
+from sip_support import free_port, loopback_namespace  # noqa: E402
 
 HOST = "127.0.0.1"
 HELDOUT = Path(__file__).parent / "data" / "demo_heldout"
@@ -45,8 +43,6 @@ PROBING_THRESHOLD = 2   # failed probes before a node leaves the rotation (so a 
                         # still tried once: the failover path is exercised deterministically)
 FR_TIMER_MS = 1500      # a node that sends nothing for this long is skipped (dead node)
 KAMAILIO = shutil.which("kamailio") or "/usr/sbin/kamailio"
-CLONE_NEWNET = 0x40000000
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
 pytestmark = [
     pytest.mark.skipif(not Path(KAMAILIO).exists(), reason="kamailio missing; run scripts/setup-system.sh"),
@@ -56,31 +52,9 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def network():
-    """A private network namespace with only lo up, for this thread and the processes it starts."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    try:
-        original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    except OSError as exc:
-        yield f"host loopback ({exc})"
-        return
-    if libc.unshare(CLONE_NEWNET) != 0:
-        os.close(original)
-        yield f"host loopback (unshare not permitted: {os.strerror(ctypes.get_errno())})"
-        return
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            flags = struct.unpack("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH", b"lo", 0))[:18])[1]
-            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | IFF_UP))
-        yield "private network namespace, loopback only"
-    finally:
-        libc.setns(original, CLONE_NEWNET)
-        os.close(original)
-
-
-def free_port(kind=socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A private network namespace with only lo up (`sip_support.loopback_namespace`)."""
+    with loopback_namespace() as where:
+        yield where
 
 
 class Node:

@@ -8,12 +8,9 @@ only when its peer's binary is missing, and the skip says so.
 """
 
 import asyncio
-import ctypes
-import fcntl
 import os
 import shutil
 import socket
-import struct
 import wave
 from pathlib import Path
 
@@ -24,11 +21,9 @@ from pipecat.frames.frames import EndFrame, InputAudioRawFrame, InputDTMFFrame
 
 import sip_support
 from pipecat_nemotron.transports.sip.rtp import g711_decode, g711_encode
-from sip_support import HOST, Collector, calls_recorder, run_call_pipeline
+from sip_support import HOST, Collector, calls_recorder, free_port, loopback_namespace, run_call_pipeline
 
 SCENARIOS = Path(__file__).parent / "sip"
-CLONE_NEWNET = 0x40000000
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
 needs_sipp = pytest.mark.skipif(shutil.which("sipp") is None,
                                 reason="sipp binary missing (Debian sip-tester); run scripts/setup-system.sh")
@@ -38,37 +33,11 @@ needs_baresip = pytest.mark.skipif(shutil.which("baresip") is None,
                                    reason="baresip binary missing; run scripts/setup-system.sh")
 
 
-def _loopback_up() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        flags = struct.unpack("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH", b"lo", 0))[:18])[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | IFF_UP))
-
-
 @pytest.fixture(scope="module", autouse=True)
 def network():
-    """A private network namespace with only lo up, for this thread and the peers it starts."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    try:
-        original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    except OSError as exc:
-        yield f"host loopback ({exc})"
-        return
-    if libc.unshare(CLONE_NEWNET) != 0:
-        os.close(original)
-        yield f"host loopback (unshare not permitted: {os.strerror(ctypes.get_errno())})"
-        return
-    try:
-        _loopback_up()
-        yield "private network namespace, loopback only"
-    finally:
-        libc.setns(original, CLONE_NEWNET)
-        os.close(original)
-
-
-def free_port(kind=socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A private network namespace with only lo up (`sip_support.loopback_namespace`)."""
+    with loopback_namespace() as where:
+        yield where
 
 
 def serving(on_call=None, **config):
