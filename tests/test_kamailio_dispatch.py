@@ -334,7 +334,7 @@ async def test_a_full_node_is_skipped_and_an_invite_that_reaches_it_fails_over(c
     assert cluster.proxy.lines(f"{first.call_id} failed on {full.uri} (503)")
     # the direct calls end; the node answers OPTIONS 200 again and is back in rotation
     assert all(r.answered for r in await asyncio.gather(*direct))
-    await cluster.wait_until_in_rotation(full, timeout=20)
+    await cluster.wait_until_in_rotation(full, timeout=45)  # its engine may report lag a while on a busy machine
     # full again, this time the probes notice before any INVITE comes: no INVITE reaches it at all
     direct = await calls_at_once((HOST, full.port), [audio_of("es-ES_00000.wav", tail_s=3.0)] * NODE_CALLS, 0.02)
     await until_full(full)
@@ -345,7 +345,7 @@ async def test_a_full_node_is_skipped_and_an_invite_that_reaches_it_fails_over(c
     assert not any(cluster.proxy.lines(f"{r.call_id} failed") for r in later)
     assert all(r.answered for r in await asyncio.gather(*direct))
     assert all(r.answered and r.bye_status == 200 for r in await asyncio.gather(*busy))
-    await cluster.wait_until_in_rotation(full, timeout=20)
+    await cluster.wait_until_in_rotation(full, timeout=45)  # its engine may report lag a while on a busy machine
 
 
 async def options_status(node: Node) -> int:
