@@ -23,7 +23,7 @@ stage() {  # stage "what" command...: run quietly, one line with the time it too
 }
 
 # system packages the tests drive as real peers (SIP phones, a browser); each script is idempotent
-[ -x scripts/setup-system.sh ] && stage "system packages (sipp, baresip, kamailio, haproxy)" scripts/setup-system.sh
+[ -x scripts/setup-system.sh ] && stage "system packages (SIP peers, haproxy)" scripts/setup-system.sh
 [ -x scripts/setup-browser.sh ] && stage "Chromium (browser tests)" scripts/setup-browser.sh
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || stage "virtual environment (.venv)" "$python" -m venv .venv
