@@ -12,7 +12,7 @@ independent calls:
 * `drop_extra_pre_encoded` is one integer per call, but a stream on its first step
   needs 0 and a stream on a later step needs the config value. We run the
   subsampling (`encoder.pre_encode`) per group and the conformer layers for the whole
-  batch with `bypass_pre_encode=True` (`pre_encode`, `encode_pre_encoded`). Both groups
+  batch with `bypass_pre_encode=True` (`pre_encode`, `NemoEncoderStep`). Both groups
   produce exactly `valid_out_len` frames per step, so the batch stays rectangular.
 * `keep_all_outputs` is also one flag per call; we keep every output and trim per
   stream ourselves (the flag only trims, it never changes the caches).
@@ -20,7 +20,8 @@ independent calls:
   `decode_step` runs only the search and leaves text to the engine's incremental detokeniser.
 
 If NeMo grows per-stream prompts and drops in its streaming API, this module is the
-only one to change.
+only one to change. The engine's default conformer step is `fast_encoder.py` (cached K/V); NeMo's own
+(`NemoEncoderStep`) serves encoders of another structure.
 """
 
 from __future__ import annotations
@@ -104,17 +105,34 @@ def pre_encode(encoder, mel: torch.Tensor, lengths: torch.Tensor, drop: int) -> 
     return x, out_len
 
 
-def encode_pre_encoded(encoder, x: torch.Tensor, lengths: torch.Tensor, cache_channel: torch.Tensor,
-                       cache_time: torch.Tensor, cache_len: torch.Tensor):
-    """The conformer layers for a batch of already subsampled chunks, with caches.
+class NemoEncoderStep:
+    """NeMo's own conformer step (`cache_aware_stream_step` with `bypass_pre_encode=True`) for a batch of already
+    subsampled chunks: the path for encoders the fast step (`fast_encoder.py`) does not know.
 
-    Returns (encoded (B, D, T) untrimmed, lengths, next caches...).
-    """
-    return encoder.cache_aware_stream_step(
-        processed_signal=x, processed_signal_length=lengths, cache_last_channel=cache_channel,
-        cache_last_time=cache_time, cache_last_channel_len=cache_len, keep_all_outputs=True,
-        bypass_pre_encode=True,
-    )
+    Caches per slot (`initial_state`): NeMo's `channel` [layers, slots, 56, d_model] (the attention inputs),
+    `time` [layers, slots, d_model, kernel−1] and `length` [slots]."""
+
+    slot_dims = {"channel": 1, "time": 1, "length": 0}
+    precision = "fp32"
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def initial_state(self, slots: int, device) -> dict[str, torch.Tensor]:
+        channel, time_cache, length = self.encoder.get_initial_cache_state(
+            batch_size=slots, dtype=torch.float32, device=device)
+        return {"channel": channel, "time": time_cache, "length": length}
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, lengths: torch.Tensor, caches: dict[str, torch.Tensor], *,
+                 att_context_size) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns (encoded (B, D, T) untrimmed, lengths, next caches); the context is the encoder's default."""
+        encoded, encoded_len, channel, time_cache, length = self.encoder.cache_aware_stream_step(
+            processed_signal=x, processed_signal_length=lengths, cache_last_channel=caches["channel"],
+            cache_last_time=caches["time"], cache_last_channel_len=caches["length"], keep_all_outputs=True,
+            bypass_pre_encode=True,
+        )
+        return encoded, encoded_len, {"channel": channel, "time": time_cache, "length": length}
 
 
 def decode_step(model, encoded: torch.Tensor, lengths: torch.Tensor, hypotheses: list):

@@ -48,14 +48,14 @@ class TailSource:
 
 
 @torch.inference_mode()
-def step_silence(*, model, spec, mel, caches, hypotheses: list, sources: list[TailSource], prompts: torch.Tensor,
-                 chunks: int) -> list[list[int]]:
+def step_silence(*, model, encoder_step, spec, mel, caches, hypotheses: list, sources: list[TailSource],
+                 prompts: torch.Tensor, chunks: int) -> list[list[int]]:
     """Step `chunks` chunks of silence after each source on copies of its state; return each one's tokens.
 
-    `caches`: (channel, time, channel_len, mel) as gathered from the slot pool (copies, never written back);
+    `caches`: (encoder caches, mel history) as gathered from the slot pool (copies, never written back);
     `hypotheses`: the streams' decoder hypotheses (deep-copied here: the silence never extends a stream's own).
     The caller holds the model's step lock."""
-    channel, time_cache, channel_len, mel_cache = caches
+    encoder_caches, mel_cache = caches
     hypotheses = [copy.deepcopy(h) for h in hypotheses]
     for index in range(chunks):
         windows, offsets = [], []
@@ -69,8 +69,8 @@ def step_silence(*, model, spec, mel, caches, hypotheses: list, sources: list[Ta
         mel_cache = history[:, :, -spec.pre_encode_cache_frames:]
         lengths = torch.full((len(sources),), history.shape[2], dtype=torch.int64, device=history.device)
         x, x_len = nemo_compat.pre_encode(model.encoder, history, lengths, spec.drop_extra_pre_encoded)
-        encoded, encoded_len, channel, time_cache, channel_len = nemo_compat.encode_pre_encoded(
-            model.encoder, x, x_len, channel, time_cache, channel_len)
+        encoded, encoded_len, encoder_caches = encoder_step(x, x_len, encoder_caches,
+                                                            att_context_size=spec.att_context_size)
         encoded = nemo_compat.apply_prompts(model, encoded, prompts)
         hypotheses = nemo_compat.decode_step(model, encoded, encoded_len, hypotheses)
     return [[int(t) for t in h.y_sequence] if h is not None else [] for h in hypotheses]
