@@ -1,4 +1,4 @@
-"""SDP offer/answer for G.711 calls (RFC 3264)."""
+"""SDP offer/answer (RFC 3264): G.711, G.722 and Opus in the caller's order, SDES-SRTP (RFC 4568)."""
 
 import pytest
 
@@ -26,7 +26,8 @@ def answer_lines(text):
 
 
 def test_caller_preference_payload_numbers_and_video_rejected():
-    answer, negotiated = SDPBuilder(address="127.0.0.1").answer(parse_sdp(LINPHONE_LIKE), port=4000)
+    builder = SDPBuilder(address="127.0.0.1", codecs=("PCMU", "PCMA"))  # G.711 only: the first one offered is PCMA
+    answer, negotiated = builder.answer(parse_sdp(LINPHONE_LIKE), port=4000)
     lines = answer_lines(answer)
     media = [line for line in lines if line.startswith("m=")]
     assert media == ["m=audio 4000 RTP/AVP 8 101", "m=video 0 RTP/AVP 102"]  # same m-lines, same order
@@ -60,10 +61,13 @@ def test_session_level_direction_applies():
     assert negotiated.direction == "recvonly"
 
 
-def test_no_g711_is_an_error():
+def test_no_codec_of_ours_is_an_error():
     offer = "v=0\no=- 1 1 IN IP4 h\ns=-\nc=IN IP4 1.2.3.4\nt=0 0\nm=audio 5004 RTP/AVP 96\na=rtpmap:96 opus/48000/2\n"
-    with pytest.raises(SDPError, match="PCMU or PCMA"):
-        SDPBuilder(address="127.0.0.1").answer(parse_sdp(offer), port=4000)
+    with pytest.raises(SDPError, match="none of PCMU/PCMA offered"):
+        SDPBuilder(address="127.0.0.1", codecs=("PCMU", "PCMA")).answer(parse_sdp(offer), port=4000)
+    speex = offer.replace("opus/48000/2", "speex/16000")
+    with pytest.raises(SDPError, match="none of PCMU/PCMA/G722/OPUS offered"):
+        SDPBuilder(address="127.0.0.1").answer(parse_sdp(speex), port=4000)
     with pytest.raises(SDPError):
         parse_sdp("hello")
 
@@ -81,7 +85,7 @@ def test_version_bumps_only_when_changed():
 def test_our_offer_and_reading_the_answer():
     builder = SDPBuilder(address="127.0.0.1")
     offer = builder.offer(port=4000)
-    assert "m=audio 4000 RTP/AVP 0 8 101" in offer
+    assert "m=audio 4000 RTP/AVP 0 8 9 111 101" in offer and "a=rtpmap:111 opus/48000/2" in offer
     answer = "v=0\no=- 2 2 IN IP4 h\ns=-\nc=IN IP4 10.0.0.9\nt=0 0\nm=audio 6000 RTP/AVP 8 101\n" \
              "a=rtpmap:101 telephone-event/8000\n"
     negotiated = read_answer(parse_sdp(answer))

@@ -398,7 +398,7 @@ async def test_delayed_offer_answer_in_ack(peer, rtp_peer):
         dialog = Dialog(peer, server.port)
         dialog.invite(with_sdp=False)
         ok = await peer.expect(status=200)
-        assert parse_sdp(ok.body).media[0].formats == ["0", "8", "101"]
+        assert parse_sdp(ok.body).media[0].formats == ["0", "8", "9", "111", "101"]  # SIPConfig.codecs, then DTMF
         dialog.take_tag(ok)
         answer = offer(rtp_peer.port).replace("RTP/AVP 0 8 101", "RTP/AVP 8 101")
         dialog.ack(body=answer)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from ..codecs import DEFAULT_CODECS, SPECS
 from .admission import CallAdmission
+from .sdp import SRTP_POLICIES
 
 # Who may call a server started without an explicit allow-list (serve-sip without --allow): loopback, the RFC 1918
 # private networks, IPv6 unique-local (fc00::/7) and link-local addresses. A PBX or proxy on the same host or LAN
@@ -64,6 +66,16 @@ class SIPConfig:
         tcp_message_secs: A message once begun must be complete within this long (slow headers/body).
         tcp_keepalive_rate, tcp_keepalive_burst: CRLF keep-alives per second per connection (token bucket);
             beyond it the connection is closed.
+        tls_cert, tls_key: PEM certificate chain and key: with them the server also accepts SIP over TLS on
+            ``tls_port`` (same framing, limits and connection caps as TCP; the caps count TCP and TLS together).
+        tls_port: Port of the TLS listener (5061; 0 picks a free one, see ``SIPWire.tls_address``).
+        tls_client_ca: Require client certificates signed by this CA (mutual TLS with a trunk); None: not asked.
+        tls_handshake_secs: A TLS handshake must complete within this long (else the connection is closed and
+            counted in ``SIPWire.tls_failures``, as is a failed one).
+        srtp: SDES-SRTP policy: ``"required"`` (plain RTP/AVP offers get 488), ``"optional"`` (SRTP when offered),
+            ``"off"``; None (the default): required for calls over TLS, optional over UDP/TCP.
+        codecs: Codecs accepted, among PCMU, PCMA, G722, OPUS: an answer picks the caller's first one of these;
+            our own offer lists them in this order.
     """
 
     host: str = "0.0.0.0"
@@ -91,9 +103,35 @@ class SIPConfig:
     tcp_message_secs: float = 10.0
     tcp_keepalive_rate: float = 1.0
     tcp_keepalive_burst: int = 10
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_port: int = 5061
+    tls_client_ca: str | None = None
+    tls_handshake_secs: float = 10.0
+    srtp: str | None = None
+    codecs: tuple[str, ...] = DEFAULT_CODECS
 
     def __post_init__(self):
         self._networks = [ipaddress.ip_network(p, strict=False) for p in self.allowed_peers]
+        if self.srtp is not None and self.srtp not in SRTP_POLICIES:
+            raise ValueError(f"srtp={self.srtp!r}: one of {', '.join(SRTP_POLICIES)} (or None: required on TLS)")
+        self.codecs = tuple(c.upper() for c in self.codecs)
+        unknown = [c for c in self.codecs if c not in SPECS]
+        if unknown or not self.codecs:
+            raise ValueError(f"codecs: {unknown or 'none'} not supported (known: {', '.join(SPECS)})")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("tls_key without tls_cert")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server listens for SIP over TLS."""
+        return self.tls_cert is not None
+
+    def srtp_policy(self, secure: bool) -> str:
+        """The SRTP policy of a call that came over TLS (``secure``) or not."""
+        if self.srtp is not None:
+            return self.srtp
+        return "required" if secure else "optional"
 
     def allows(self, ip: str) -> bool:
         """Whether a peer address may use the server."""

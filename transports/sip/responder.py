@@ -72,8 +72,7 @@ class Responder:
             for route in request.get_all("Record-Route"):
                 response.add("Record-Route", route)
         if contact:
-            tcp = ";transport=tcp" if self._wire.is_stream(source) else ""
-            response.add("Contact", f"<sip:pipecat@{self.contact_host(source)}:{self._port}{tcp}>")
+            response.add("Contact", self.contact(request, source))
         if status in (200, 405):
             response.add("Allow", ", ".join(ALLOWED_METHODS))
         if status == 503:  # every 503 says when to come back (RFC 3261 §21.5.4)
@@ -96,6 +95,20 @@ class Responder:
         self._wire.send(data, destination)
         self._transactions.record(request, data, destination, status)
         return response
+
+    def contact(self, request: SIPRequest, source: Address) -> str:
+        """Our Contact for a dialog with ``source``: ``;transport=tcp``/``tls`` on a connection (the TLS port for
+        TLS), and a ``sips:`` URI when the request asked for one (RFC 5630 §4)."""
+        host, port = self.contact_host(source), self._port
+        if not self._wire.is_stream(source):
+            return f"<sip:pipecat@{host}:{port}>"
+        secure = getattr(self._wire, "is_secure", None)
+        if secure is not None and secure(source):
+            port = self._wire.port_for(source)
+            if request.uri.lower().startswith("sips:"):
+                return f"<sips:pipecat@{host}:{port}>"
+            return f"<sip:pipecat@{host}:{port};transport=tls>"
+        return f"<sip:pipecat@{host}:{port};transport=tcp>"
 
     def contact_host(self, source: Address) -> str:
         if self.config.advertised_host:

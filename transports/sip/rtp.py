@@ -1,4 +1,5 @@
-"""RTP media for one call (RFC 3550): G.711 in and out, reordering, RFC 4733 DTMF, symmetric RTP.
+"""RTP media for one call (RFC 3550): G.711, G.722 or Opus in and out (``transports/codecs.py``), SDES-SRTP
+(``srtp.py``), reordering, RFC 4733 DTMF, symmetric RTP.
 
 The wire format is aiortc's :class:`aiortc.rtp.RtpPacket` (padding, CSRC and header extensions handled
 there). aiortc's own ``JitterBuffer`` assembles video frames and waits for a lost packet until its
@@ -20,20 +21,24 @@ from dataclasses import dataclass
 from aiortc.rtp import RtpPacket
 from loguru import logger
 
-from ..g711 import decode as g711_decode
-from ..g711 import encode as g711_encode
+from ..codecs import CodecError, MediaCodec
+from ..g711 import decode as g711_decode  # noqa: F401  (re-exported: tests code G.711 with these)
+from ..g711 import encode as g711_encode  # noqa: F401
 from .sdp import Negotiated
+from .srtp import SrtpContext, SrtpError
 
-SAMPLE_RATE = 8000
-PTIME_S = 0.020
-SAMPLES_PER_PACKET = 160
+SAMPLE_RATE = 8000  # G.711's, and what the session speaks before a codec is negotiated
+PTIME_MS = 20
+PTIME_S = PTIME_MS / 1000
+SAMPLES_PER_PACKET = 160  # G.711 at 20 ms; other codecs: codec.spec.samples(PTIME_MS)
 BYTES_PER_PACKET = SAMPLES_PER_PACKET * 2  # PCM16
+DTMF_CLOCK = 8000  # telephone-event/8000: event durations count 8 kHz ticks whatever the audio codec
 MAX_CONCEALED_PACKETS = 5
 DTMF_EVENTS = "0123456789*#ABCD"
 RTCP_PAYLOAD_TYPES = range(72, 77)  # RTCP packet types 200-204 with the marker bit masked off
 CN_PAYLOAD_TYPE = 13
-# Largest RTP datagram taken in: G.711 at the longest common ptime (120 ms = 960 bytes) plus header, CSRCs and an
-# extension fits well below; a 60 KB packet would be 7.5 s of "audio" injected at once.
+# Largest RTP datagram taken in: G.711 at the longest common ptime (120 ms = 960 bytes) plus header, CSRCs, an
+# extension and an SRTP tag fits well below; a 60 KB packet would be 7.5 s of "audio" injected at once.
 MAX_RTP_DATAGRAM = 1500
 
 
@@ -148,6 +153,8 @@ class RtpStats:
     packets_out: int = 0
     ignored: int = 0  # from a source other than the latched one, or not RTP for us
     dtmf_digits: str = ""
+    srtp_dropped: int = 0  # SRTP that failed authentication or replayed (also counted in ignored)
+    undecodable: int = 0  # payloads the codec rejected (concealed with silence)
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -163,7 +170,10 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 class RtpSession(asyncio.DatagramProtocol):
     """RTP for one call over UDP: decoded audio and DTMF in ``events``, continuous 20 ms packets out.
 
-    ``events`` yields ``("audio", pcm16_8k_bytes)`` and ``("dtmf", digit)``.
+    ``events`` yields ``("audio", pcm16_bytes)`` at :attr:`sample_rate` (8 kHz for G.711, 16 kHz for G.722,
+    48 kHz for Opus) and ``("dtmf", digit)``. With SRTP negotiated every packet in is authenticated (tampered and
+    replayed ones are dropped and counted in ``stats.srtp_dropped``) before it can latch or play, and every
+    packet out is encrypted.
 
     Symmetric RTP (RFC 4961), locked down: the first packet of a negotiated payload type latches its source,
     but only a source whose IP is the SDP ``c=`` address or the SIP signalling source (``signalling_host``,
@@ -197,6 +207,8 @@ class RtpSession(asyncio.DatagramProtocol):
         self.local_address: tuple[str, int] | None = None
         self.last_received: float | None = None  # loop time of the last accepted packet
         self._dtmf_queue: deque[_DTMFEvent] = deque()
+        self._codec: MediaCodec | None = None
+        self._srtp: SrtpContext | None = None
 
     async def open(self, *, host: str, ports: tuple[int, int] | None = None) -> tuple[str, int]:
         """Bind the UDP socket to an even port (RFC 3550 §11), within ``ports`` (first, last) if given.
@@ -231,6 +243,14 @@ class RtpSession(asyncio.DatagramProtocol):
         """
         if self.negotiated is not None and self.negotiated.remote != negotiated.remote:
             self.latched = None
+        if self._codec is None or self._codec.name != negotiated.codec:
+            if self._codec is not None:  # queued audio is at the old codec's rate
+                self._out.clear()
+            self._codec = MediaCodec(negotiated.codec)
+        if not negotiated.srtp:
+            self._srtp = None
+        elif self._srtp is None or not self._srtp.same_keys(negotiated.local_crypto, negotiated.remote_crypto):
+            self._srtp = SrtpContext(local=negotiated.local_crypto, remote=negotiated.remote_crypto)
         self.negotiated = negotiated
         hosts = (negotiated.remote_host, self.signalling_host)
         self._expected = {ip for ip in map(_ip, filter(None, hosts)) if ip is not None and not ip.is_unspecified}
@@ -252,8 +272,22 @@ class RtpSession(asyncio.DatagramProtocol):
 
     # --- outgoing -----------------------------------------------------------------------------
 
+    @property
+    def sample_rate(self) -> int:
+        """PCM rate of the negotiated codec (what ``events`` carry and ``write`` takes); 8000 before one is."""
+        return self._codec.sample_rate if self._codec is not None else SAMPLE_RATE
+
+    @property
+    def srtp(self) -> bool:
+        """Whether the media is SRTP."""
+        return self._srtp is not None
+
+    @property
+    def _packet_bytes(self) -> int:
+        return self.sample_rate * PTIME_MS // 1000 * 2
+
     def write(self, pcm: bytes) -> None:
-        """Queue 8 kHz PCM16 for sending."""
+        """Queue PCM16 at :attr:`sample_rate` for sending."""
         self._out += pcm
 
     def clear_output(self) -> None:
@@ -262,7 +296,7 @@ class RtpSession(asyncio.DatagramProtocol):
 
     @property
     def buffered_seconds(self) -> float:
-        return len(self._out) / 2 / SAMPLE_RATE
+        return len(self._out) / 2 / self.sample_rate
 
     async def drain(self, *, timeout: float = 30.0) -> None:
         """Wait until the queued audio has been sent (or the session stopped)."""
@@ -284,11 +318,12 @@ class RtpSession(asyncio.DatagramProtocol):
         return self.latched  # None until the peer's first packet: no RTP to an address on the SDP's word
 
     def _next_payload(self) -> bytes:
-        chunk = bytes(self._out[:BYTES_PER_PACKET])
-        del self._out[:BYTES_PER_PACKET]
-        if len(chunk) < BYTES_PER_PACKET:
-            chunk += bytes(BYTES_PER_PACKET - len(chunk))
-        return g711_encode(chunk, self.negotiated.codec)
+        size = self._packet_bytes
+        chunk = bytes(self._out[:size])
+        del self._out[:size]
+        if len(chunk) < size:
+            chunk += bytes(size - len(chunk))
+        return self._codec.encode(chunk)
 
     def send_dtmf(self, digit: str, *, duration_ms: int = 100) -> bool:
         """Queue an RFC 4733 event (0-9 * # A-D); False when the caller offered no telephone-event."""
@@ -312,7 +347,7 @@ class RtpSession(asyncio.DatagramProtocol):
             event.timestamp = self._timestamp
         event.sent += 1
         end = event.sent > event.packets  # then three end packets with the final duration (RFC 4733 §2.5.1.4)
-        duration = min(event.sent, event.packets) * SAMPLES_PER_PACKET
+        duration = min(event.sent, event.packets) * (DTMF_CLOCK * PTIME_MS // 1000)
         payload = struct.pack("!BBH", event.code, (0x80 if end else 0) | 10, duration)
         if event.sent >= event.packets + 3:
             self._dtmf_queue.popleft()
@@ -323,7 +358,7 @@ class RtpSession(asyncio.DatagramProtocol):
         destination = self._destination()
         if destination is None or self._transport is None:
             if not self.awaiting_latch:  # on hold: the bot's audio plays out into nothing, in real time
-                del self._out[:BYTES_PER_PACKET]
+                del self._out[:self._packet_bytes]
             return  # before the caller's first packet the bot's audio waits (a greeting is heard from its start)
         dtmf = self._next_dtmf()
         if dtmf is not None:  # the bot's audio waits while a digit plays
@@ -334,9 +369,17 @@ class RtpSession(asyncio.DatagramProtocol):
             self._first = False
         packet = RtpPacket(payload_type=pt, marker=marker, sequence_number=self._seq, timestamp=timestamp,
                            ssrc=self._ssrc, payload=payload)
-        self._transport.sendto(packet.serialize(), destination)
+        data = packet.serialize()
+        if self._srtp is not None:
+            try:
+                data = self._srtp.protect(data)
+            except SrtpError as exc:  # never sent in clear; the sequence moves on
+                logger.debug(f"SRTP packet not sent: {exc}")
+                data = None
+        if data is not None:
+            self._transport.sendto(data, destination)
         self._seq = (self._seq + 1) & 0xFFFF
-        self._timestamp = (self._timestamp + SAMPLES_PER_PACKET) & 0xFFFFFFFF
+        self._timestamp = (self._timestamp + self._codec.spec.ticks(PTIME_MS)) & 0xFFFFFFFF
         self.stats.packets_out += 1
 
     async def _send_loop(self) -> None:
@@ -377,6 +420,13 @@ class RtpSession(asyncio.DatagramProtocol):
         if not self._acceptable(data[1] & 0x7F, addr):  # the source is checked before any parsing
             self.stats.ignored += 1
             return
+        if self._srtp is not None:  # authenticated before it may latch, play or count as media
+            try:
+                data = self._srtp.unprotect(data)
+            except SrtpError:
+                self.stats.srtp_dropped += 1
+                self.stats.ignored += 1
+                return
         try:
             packet = RtpPacket.parse(data)
         except ValueError:  # padding, CSRC count or extension past the end: junk, counted, not logged
@@ -397,8 +447,16 @@ class RtpSession(asyncio.DatagramProtocol):
                 self._emit("dtmf", digit)
         elif packet.payload_type != CN_PAYLOAD_TYPE:
             for ready in self._reorder.push(packet):
-                pcm = bytes(BYTES_PER_PACKET) if ready is None else g711_decode(ready.payload, self.negotiated.codec)
-                self._emit("audio", pcm)
+                self._emit("audio", self._decode(ready))
+
+    def _decode(self, packet: RtpPacket | None) -> bytes:
+        """A packet's PCM; silence of one packet for a lost or undecodable one."""
+        if packet is not None:
+            try:
+                return self._codec.decode(packet.payload)
+            except CodecError:
+                self.stats.undecodable += 1
+        return bytes(self._packet_bytes)
 
     def report_dtmf(self, digit: str) -> None:
         """A digit that arrived outside RTP (SIP INFO): counted and queued like an RFC 4733 one."""

@@ -1,9 +1,14 @@
-"""SDP (RFC 4566) and the offer/answer model (RFC 3264) for one G.711 audio stream.
+"""SDP (RFC 4566) and the offer/answer model (RFC 3264) for one audio stream, plain or SDES-SRTP.
 
-The answer keeps the offer's m-lines in order: the first audio m-line we can serve is accepted with
-PCMU or PCMA in the caller's preference and the caller's payload numbers (plus telephone-event on the
-caller's dynamic payload type); every other m-line (video, a second audio, an unknown codec) is
-rejected with port 0. When an INVITE carries no SDP we make the offer and read the answer from the ACK.
+The answer keeps the offer's m-lines in order: the first audio m-line we can serve is accepted with the first
+codec of the caller's list that we support (PCMU, PCMA, G722, opus: ``transports/codecs.py``), with the caller's
+payload numbers (plus telephone-event on the caller's dynamic payload type); every other m-line (video, a second
+audio, an unknown codec) is rejected with port 0. When an INVITE carries no SDP we make the offer and read the
+answer from the ACK.
+
+SRTP (RFC 4568 SDES, ``srtp.py``) follows a policy: ``"required"`` accepts only ``RTP/SAVP`` with a usable
+``a=crypto`` (a plain offer is refused: 488), ``"optional"`` accepts both (and answers best-effort SRTP: an
+``RTP/AVP`` offer that carries ``a=crypto``, as baresip's ``mediaenc srtp`` sends), ``"off"`` only plain RTP.
 """
 
 from __future__ import annotations
@@ -13,8 +18,13 @@ import re
 import time
 from dataclasses import dataclass, field
 
-STATIC_PAYLOADS = {0: ("PCMU", 8000), 8: ("PCMA", 8000), 13: ("CN", 8000)}
-SUPPORTED_CODECS = ("PCMU", "PCMA")
+from ..codecs import DEFAULT_CODECS, OPUS_DYNAMIC_PAYLOAD_TYPE, SPECS, CodecSpec
+from .srtp import SUITES, Crypto, new_crypto, select_crypto
+
+STATIC_PAYLOADS = {0: ("PCMU", 8000), 8: ("PCMA", 8000), 9: ("G722", 8000), 13: ("CN", 8000)}
+SUPPORTED_CODECS = DEFAULT_CODECS
+SRTP_POLICIES = ("required", "optional", "off")
+MAX_CRYPTO = 32  # a=crypto lines kept per m-line
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 MAX_LINES = 512
 MAX_MEDIA = 16
@@ -41,6 +51,16 @@ class Media:
     fmtp: dict[int, str] = field(default_factory=dict)
     direction: str | None = None
     ptime: int | None = None
+    crypto: list[str] = field(default_factory=list)
+
+    @property
+    def secure(self) -> bool:
+        """SDES-SRTP profile (RTP/SAVP, RTP/SAVPF); DTLS-SRTP (UDP/TLS/RTP/SAVP) is not ours."""
+        return self.proto.startswith("RTP/SAVP")
+
+    @property
+    def plain(self) -> bool:
+        return self.proto.startswith("RTP/AVP")
 
     def codec(self, pt: int) -> tuple[str, int] | None:
         """(encoding name upper-case, clock rate) of a payload type, static or from a=rtpmap."""
@@ -63,12 +83,22 @@ class Session:
 class Negotiated:
     """What the offer/answer agreed for the audio stream."""
 
-    codec: str  # "PCMU" or "PCMA"
+    codec: str  # "PCMU", "PCMA", "G722" or "OPUS"
     payload_type: int
     dtmf_payload_type: int | None
     remote_host: str
     remote_port: int
     direction: str  # our direction: sendrecv, sendonly (caller holds), recvonly, inactive
+    local_crypto: Crypto | None = None  # SRTP: our key (what we send) ...
+    remote_crypto: Crypto | None = None  # ... and the peer's (what we receive)
+
+    @property
+    def spec(self) -> CodecSpec:
+        return SPECS[self.codec]
+
+    @property
+    def srtp(self) -> bool:
+        return self.local_crypto is not None and self.remote_crypto is not None
 
     @property
     def we_send(self) -> bool:
@@ -132,6 +162,9 @@ def _attribute(media: Media | None, session: Session, value: str) -> None:
         pt, _, params = rest.partition(" ")
         if payload_type(pt) is not None:
             media.fmtp[payload_type(pt)] = params.strip()
+    elif name == "crypto":
+        if len(media.crypto) < MAX_CRYPTO:
+            media.crypto.append(rest.strip())
     elif name == "ptime" and re.fullmatch("[0-9]{1,4}", rest.strip()) and 1 <= int(rest.strip()) <= 1000:
         media.ptime = int(rest.strip())
 
@@ -168,9 +201,10 @@ def parse_sdp(text: str | bytes) -> Session:
 
 
 def _pick_codec(media: Media, codecs: tuple[str, ...]) -> tuple[int, str] | None:
+    """The first payload type of the caller's list that is a codec of ours at its RTP clock rate."""
     for pt in filter(lambda p: p is not None, map(payload_type, media.formats)):
         codec = media.codec(pt)
-        if codec and codec[0] in codecs and codec[1] == 8000:
+        if codec and codec[0] in codecs and codec[0] in SPECS and codec[1] == SPECS[codec[0]].clock_rate:
             return pt, codec[0]
     return None
 
@@ -182,18 +216,49 @@ def _dtmf_payload(media: Media) -> int | None:
     return None
 
 
-def _audio_match(media: Media, codecs: tuple[str, ...]) -> tuple[int, str] | None:
-    if media.kind != "audio" or media.port == 0 or "RTP/AVP" not in media.proto or "SAVP" in media.proto:
-        return None
-    return _pick_codec(media, codecs)
+@dataclass(frozen=True)
+class _Match:
+    payload_type: int
+    codec: str
+    remote_crypto: Crypto | None
+
+
+def _audio_match(media: Media, codecs: tuple[str, ...], srtp: str) -> tuple[_Match | None, str]:
+    """What we accept of one m-line under the SRTP policy, else None and why not."""
+    if media.kind != "audio" or media.port == 0:
+        return None, "no audio stream"
+    if not (media.plain or media.secure):
+        return None, f"transport {media.proto[:30]} not supported"
+    if media.secure and srtp == "off":
+        return None, "SRTP offered but disabled"
+    if media.plain and srtp == "required":
+        return None, "SRTP required but plain RTP/AVP offered"
+    picked = _pick_codec(media, codecs)
+    if picked is None:
+        return None, f"none of {'/'.join(codecs)} offered"
+    remote = None
+    if media.secure or (media.crypto and srtp != "off"):  # SAVP, or best-effort SRTP on an AVP line
+        remote, why = select_crypto(media.crypto)
+        if remote is None and media.secure:
+            return None, f"no usable a=crypto ({why})"
+    return _Match(picked[0], picked[1], remote), ""
 
 
 class SDPBuilder:
     """Builds our SDP bodies: one origin (session id, version bumped when the content changes)."""
 
-    def __init__(self, *, address: str, user: str = "pipecat"):
+    def __init__(self, *, address: str, user: str = "pipecat", codecs: tuple[str, ...] = SUPPORTED_CODECS,
+                 srtp: str = "optional"):
+        if srtp not in SRTP_POLICIES:
+            raise ValueError(f"srtp policy {srtp!r} is not one of {SRTP_POLICIES}")
+        unknown = [c for c in codecs if c not in SPECS]
+        if unknown or not codecs:
+            raise ValueError(f"unsupported codecs {unknown} (known: {', '.join(SPECS)})")
         self.address = address
         self.user = user
+        self.codecs = tuple(codecs)
+        self.srtp = srtp
+        self._keys: dict[str, Crypto] = {}  # our master key per suite, one per call (kept over re-INVITEs)
         self.session_id = int(time.time() * 1000) % (2**31)
         self.version = self.session_id
         self._last_body: str | None = None
@@ -218,46 +283,78 @@ class SDPBuilder:
         self._last_body = body_media
         return "\r\n".join(self._head() + media_lines) + "\r\n"
 
-    def answer(self, offer: Session, *, port: int, codecs: tuple[str, ...] = SUPPORTED_CODECS,
+    def local_crypto(self, tag: int, suite: str) -> Crypto:
+        """Our key for ``suite`` (made once per call), with the tag of the line it answers."""
+        if suite not in self._keys:
+            self._keys[suite] = new_crypto(tag, suite)
+        key = self._keys[suite]
+        return Crypto(tag=tag, suite=suite, key=key.key)
+
+    def answer(self, offer: Session, *, port: int, codecs: tuple[str, ...] | None = None,
                hold: bool = False) -> tuple[str, Negotiated]:
         """The answer to an offer and what it agrees; SDPError when no audio m-line is acceptable."""
-        lines, chosen = [], None
+        codecs = codecs or self.codecs
+        lines, chosen, why = [], None, None
         for media in offer.media:
-            match = _audio_match(media, codecs) if chosen is None else None
+            match, reason = _audio_match(media, codecs, self.srtp) if chosen is None else (None, "")
             if match is None:
+                why = why or (reason if media.kind == "audio" else None)
                 fmt = " ".join(media.formats)
                 lines.append(f"m={media.kind} 0 {media.proto} {fmt}")
                 continue
-            pt, codec = match
             dtmf = _dtmf_payload(media)
             offered_dir = media.direction or offer.direction
             direction = "inactive" if hold else _ANSWER_DIRECTION[offered_dir]
             host = media.connection or offer.connection
             if host is None:
                 raise SDPError("no c= line for the audio stream")
-            chosen = Negotiated(codec=codec, payload_type=pt, dtmf_payload_type=dtmf, remote_host=host,
-                                remote_port=media.port, direction=direction)
-            lines += self._audio_lines(port, pt, codec, dtmf, direction)
+            remote = match.remote_crypto
+            local = self.local_crypto(remote.tag, remote.suite) if remote is not None else None
+            chosen = Negotiated(codec=match.codec, payload_type=match.payload_type, dtmf_payload_type=dtmf,
+                                remote_host=host, remote_port=media.port, direction=direction,
+                                local_crypto=local, remote_crypto=remote)
+            lines += self._audio_lines(port, match.payload_type, match.codec, dtmf, direction,
+                                       proto=media.proto if local is not None else "RTP/AVP",
+                                       crypto=[local] if local is not None else [])
         if chosen is None:
-            raise SDPError("no audio stream with PCMU or PCMA offered")
+            raise SDPError(why or "no audio stream offered")
         return self._finish(lines), chosen
 
     @staticmethod
-    def _audio_lines(port: int, pt: int, codec: str, dtmf: int | None, direction: str) -> list[str]:
+    def _audio_lines(port: int, pt: int, codec: str, dtmf: int | None, direction: str, *, proto: str = "RTP/AVP",
+                     crypto: list[Crypto] = ()) -> list[str]:
+        spec = SPECS[codec]
         fmts = f"{pt} {dtmf}" if dtmf is not None else f"{pt}"
-        lines = [f"m=audio {port} RTP/AVP {fmts}", f"a=rtpmap:{pt} {codec}/8000"]
+        lines = [f"m=audio {port} {proto} {fmts}", f"a=rtpmap:{pt} {spec.rtpmap}"]
+        if spec.fmtp:
+            lines.append(f"a=fmtp:{pt} {spec.fmtp}")
         if dtmf is not None:
             lines += [f"a=rtpmap:{dtmf} telephone-event/8000", f"a=fmtp:{dtmf} 0-16"]
+        lines += [f"a=crypto:{c.attribute()}" for c in crypto]
         return lines + ["a=ptime:20", f"a={direction}"]
 
     def offer(self, *, port: int, dtmf_payload_type: int = 101) -> str:
-        """Our offer (for an INVITE without SDP): PCMU, PCMA and telephone-event."""
+        """Our offer (for an INVITE without SDP, or an outbound call): our codecs in order, telephone-event,
+        and with SRTP required an RTP/SAVP line with a key per suite (else plain RTP/AVP)."""
         dt = dtmf_payload_type
-        lines = [
-            f"m=audio {port} RTP/AVP 0 8 {dt}", "a=rtpmap:0 PCMU/8000", "a=rtpmap:8 PCMA/8000",
-            f"a=rtpmap:{dt} telephone-event/8000", f"a=fmtp:{dt} 0-16", "a=ptime:20", "a=sendrecv",
-        ]
+        pts = [OPUS_DYNAMIC_PAYLOAD_TYPE if SPECS[c].static_payload_type is None else SPECS[c].static_payload_type
+               for c in self.codecs]
+        proto = "RTP/SAVP" if self.srtp == "required" else "RTP/AVP"
+        lines = [f"m=audio {port} {proto} {' '.join(map(str, pts))} {dt}"]
+        for pt, codec in zip(pts, self.codecs):
+            lines.append(f"a=rtpmap:{pt} {SPECS[codec].rtpmap}")
+            if SPECS[codec].fmtp:
+                lines.append(f"a=fmtp:{pt} {SPECS[codec].fmtp}")
+        lines += [f"a=rtpmap:{dt} telephone-event/8000", f"a=fmtp:{dt} 0-16"]
+        if self.srtp == "required":
+            lines += [f"a=crypto:{self.local_crypto(tag, suite).attribute()}"
+                      for tag, suite in enumerate(SUITES, start=1)]
+        lines += ["a=ptime:20", "a=sendrecv"]
         return self._finish(lines)
+
+    def read_answer(self, answer: Session) -> Negotiated:
+        """What an answer to our :meth:`offer` agrees, with the SRTP keys of both sides when it accepted SRTP."""
+        return read_answer(answer, codecs=self.codecs, local_keys=self._keys, srtp=self.srtp)
 
     def repeat(self) -> str | None:
         """The last body sent, unchanged (for a re-INVITE or UPDATE without an offer)."""
@@ -266,16 +363,30 @@ class SDPBuilder:
         return "\r\n".join(self._head()) + "\r\n" + self._last_body + "\r\n"
 
 
-def read_answer(answer: Session, *, codecs: tuple[str, ...] = SUPPORTED_CODECS) -> Negotiated:
-    """What an answer to our offer agrees (the first accepted audio m-line)."""
+def read_answer(answer: Session, *, codecs: tuple[str, ...] = SUPPORTED_CODECS,
+                local_keys: dict[str, Crypto] | None = None, srtp: str = "optional") -> Negotiated:
+    """What an answer to our offer agrees (the first accepted audio m-line).
+
+    ``local_keys``: our offer's keys by suite (``SDPBuilder.read_answer`` passes them); an answer with a=crypto
+    is SRTP with our key of the suite it chose and its own key.
+    """
+    why = "the answer accepts no audio stream of ours"
     for media in answer.media:
-        match = _audio_match(media, codecs)
+        match, reason = _audio_match(media, codecs, srtp)
         if match is None:
+            why = reason if media.kind == "audio" and media.port else why
             continue
         host = media.connection or answer.connection
         if host is None:
             raise SDPError("no c= line for the audio stream")
+        remote = match.remote_crypto
+        local = (local_keys or {}).get(remote.suite) if remote is not None else None
+        if remote is not None and local is None:
+            if media.secure:
+                raise SDPError(f"the answer chose SRTP suite {remote.suite} that we did not offer")
+            remote = None
         offered_dir = media.direction or answer.direction
-        return Negotiated(codec=match[1], payload_type=match[0], dtmf_payload_type=_dtmf_payload(media),
-                          remote_host=host, remote_port=media.port, direction=_ANSWER_DIRECTION[offered_dir])
-    raise SDPError("the answer accepts no PCMU/PCMA audio stream")
+        return Negotiated(codec=match.codec, payload_type=match.payload_type, dtmf_payload_type=_dtmf_payload(media),
+                          remote_host=host, remote_port=media.port, direction=_ANSWER_DIRECTION[offered_dir],
+                          local_crypto=local, remote_crypto=remote)
+    raise SDPError(why)

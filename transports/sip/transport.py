@@ -8,9 +8,10 @@ application builds and runs an ordinary pipeline around ``SIPCallTransport(call=
         pipeline = Pipeline([transport.input(), stt, ..., transport.output()])
         ...  # run it; it ends when the caller hangs up, or hangs up when the bot pushes EndFrame
 
-Input: G.711 decoded to 8 kHz PCM16 → ``InputAudioRawFrame``; RFC 4733 (and SIP INFO) digits →
-``InputDTMFFrame``. Output: the bot's audio (resampled to 8 kHz by the base class) → RTP, paced in real
-time. An ``EndFrame`` reaching the output hangs up (BYE) after the queued audio was sent; a BYE from the
+Input: the call's audio decoded at the negotiated codec's own rate (8 kHz G.711, 16 kHz G.722, 48 kHz Opus:
+``transport.sample_rate``; never narrowed to 8 kHz) → ``InputAudioRawFrame``; RFC 4733 (and SIP INFO) digits →
+``InputDTMFFrame``. Output: the bot's audio (resampled to the codec's rate) → RTP, paced in real time. An
+``EndFrame`` reaching the output hangs up (BYE) after the queued audio was sent; a BYE from the
 caller ends the pipeline gracefully (``EndWorkerFrame``). Transports never import the engine.
 """
 
@@ -39,11 +40,12 @@ OUTPUT_AHEAD_SECS = 0.1  # how much bot audio may wait in the RTP queue (keeps i
 HANGUP_TAIL_SECS = 0.3  # after the bot's last packet, time for the far end's jitter buffer to play it out
 
 
-def default_params() -> TransportParams:
-    """8 kHz mono in and out, as G.711 carries it. No end silence from the base class (its default is 2 s):
-    the RTP session keeps sending silence itself and the output waits ``HANGUP_TAIL_SECS`` before the BYE."""
-    return TransportParams(audio_in_enabled=True, audio_out_enabled=True, audio_in_sample_rate=SAMPLE_RATE,
-                           audio_out_sample_rate=SAMPLE_RATE, audio_in_channels=1, audio_out_channels=1,
+def default_params(sample_rate: int = SAMPLE_RATE) -> TransportParams:
+    """Mono in and out at ``sample_rate`` (the call's codec rate: 8 kHz for G.711). No end silence from the base
+    class (its default is 2 s): the RTP session keeps sending silence itself and the output waits
+    ``HANGUP_TAIL_SECS`` before the BYE."""
+    return TransportParams(audio_in_enabled=True, audio_out_enabled=True, audio_in_sample_rate=sample_rate,
+                           audio_out_sample_rate=sample_rate, audio_in_channels=1, audio_out_channels=1,
                            audio_out_end_silence_secs=0)
 
 
@@ -83,9 +85,9 @@ class SIPInputTransport(BaseInputTransport):
         while True:
             kind, value = await events.get()
             if kind == "audio":
-                audio = value
-                if self.sample_rate != SAMPLE_RATE:
-                    audio = await self._resampler.resample(audio, SAMPLE_RATE, self.sample_rate)
+                audio, rate = value, self._call.rtp.sample_rate
+                if self.sample_rate != rate:
+                    audio = await self._resampler.resample(audio, rate, self.sample_rate)
                 await self.push_audio_frame(InputAudioRawFrame(audio=audio, sample_rate=self.sample_rate,
                                                                num_channels=1))
             elif kind == "dtmf":
@@ -157,11 +159,11 @@ class SIPOutputTransport(BaseOutputTransport):
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
         if not self._call.active:
             return False
-        audio = frame.audio
-        if frame.sample_rate != SAMPLE_RATE:
-            audio = await self._resampler.resample(audio, frame.sample_rate, SAMPLE_RATE)
+        audio, rate = frame.audio, self._call.rtp.sample_rate
         if frame.num_channels != 1:
             audio = _first_channel(audio, frame.num_channels)
+        if frame.sample_rate != rate:
+            audio = await self._resampler.resample(audio, frame.sample_rate, rate)
         self._call.rtp.write(audio)
         while self._call.active and self._call.rtp.buffered_seconds > OUTPUT_AHEAD_SECS:
             await asyncio.sleep(0.01)
@@ -183,7 +185,8 @@ class SIPCallTransport(BaseTransport):
 
     Parameters:
         call: The answered call (from ``SIPServer``'s ``on_call``).
-        params: Transport parameters; by default 8 kHz mono in and out.
+        params: Transport parameters; by default mono in and out at the call's codec rate (``sample_rate``:
+            8 kHz G.711, 16 kHz G.722, 48 kHz Opus). Give the pipeline the same ``audio_in_sample_rate``.
         end_on_hangup: End the pipeline (``EndWorkerFrame``) when the caller hangs up.
     """
 
@@ -192,13 +195,19 @@ class SIPCallTransport(BaseTransport):
         super().__init__(name=name)
         self.call = call
         self.end_on_hangup = end_on_hangup
-        self._params = params or default_params()
+        self._params = params or default_params(call.rtp.sample_rate)
         self._input: SIPInputTransport | None = None
         self._output: SIPOutputTransport | None = None
         self._started = False
         self._register_event_handler("on_call_started")
         self._register_event_handler("on_call_ended")
         call.add_ended_callback(self._call_ended)
+
+    @property
+    def sample_rate(self) -> int:
+        """The audio rate of the call's input frames (the negotiated codec's unless ``params`` said otherwise):
+        use it as the pipeline's ``audio_in_sample_rate`` so VAD and STT read the frames at their real rate."""
+        return self._params.audio_in_sample_rate or self.call.rtp.sample_rate
 
     def input(self) -> SIPInputTransport:
         if self._input is None:

@@ -133,6 +133,11 @@ class SIPUserAgentServer:
 
     # --- messages -----------------------------------------------------------------------------
 
+    def _secure(self, peer: Address) -> bool:
+        """Whether ``peer`` is a TLS connection (a test's stand-in wire may not know TLS)."""
+        is_secure = getattr(self.wire, "is_secure", None)
+        return bool(is_secure and is_secure(peer))
+
     def _carries_call(self, peer: Address) -> bool:
         return any(call.remote_address == peer for call in self.dialogs.active)
 
@@ -243,7 +248,8 @@ class SIPUserAgentServer:
             _, rtp_port = await call.rtp.open(host=bind, ports=self.config.rtp_ports)
             if call.state != "ringing":  # cancelled meanwhile
                 return
-            call.sdp = SDPBuilder(address=host)
+            call.sdp = SDPBuilder(address=host, codecs=self.config.codecs,
+                                  srtp=self.config.srtp_policy(self._secure(source)))
             if request.body:
                 answer, call.negotiated = call.sdp.answer(parse_sdp(request.body), port=rtp_port)
             else:
@@ -331,7 +337,7 @@ class SIPUserAgentServer:
             return  # a stray ACK: absorbed
         if call.offer_in_ack and request.body:
             try:
-                call.negotiated = read_answer(parse_sdp(request.body))
+                call.negotiated = call.sdp.read_answer(parse_sdp(request.body))
                 call.offer_in_ack = False
                 call.rtp.configure(call.negotiated)
                 call.rtp.start()
@@ -446,8 +452,11 @@ class SIPUserAgentServer:
             await call.confirmed.wait()
             if not call.active:
                 return
-        protocol = "TCP" if self.wire.is_stream(call.remote_address) and not call.route_set else "UDP"
-        bye, destination = build_bye(call, via_host=self.responses.contact_host(call.remote_address), via_port=self.port,
+        protocol, via_port = "UDP", self.port
+        if self.wire.is_stream(call.remote_address) and not call.route_set:
+            protocol = "TLS" if self._secure(call.remote_address) else "TCP"
+            via_port = self.wire.port_for(call.remote_address) if protocol == "TLS" else self.port
+        bye, destination = build_bye(call, via_host=self.responses.contact_host(call.remote_address), via_port=via_port,
                                      protocol=protocol, user_agent=self.config.user_agent)
         self._end(call, reason)
         self._spawn(self.client.request(bye, destination))

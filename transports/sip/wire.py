@@ -1,4 +1,5 @@
-"""SIP on the wire: one UDP socket and one TCP listener on the same port, framing, limits and keep-alives.
+"""SIP on the wire: one UDP socket and one TCP listener on the same port (and a TLS listener on its own port),
+framing, limits and keep-alives.
 
 Bytes become messages here and nowhere else: the one ``try`` around the parser is in this module, and a
 malformed request gets a 400 built from its raw headers (or is dropped when not even that is readable).
@@ -9,6 +10,11 @@ dropped silently), a larger UDP receive buffer, a cap on TCP connections in all 
 timeout, a deadline for a message once begun (slow headers or body), a token bucket for CRLF keep-alives per
 connection, and a cap on what may wait in a connection's send buffer. Nothing here resolves names: a
 destination that is not an IP literal is dropped.
+
+SIP over TLS (``config.tls_cert``): a TCP listener on ``config.tls_port`` whose connections are counted against
+the same caps *before* the handshake, then upgraded with ``start_tls`` within ``config.tls_handshake_secs``; a
+handshake that fails (garbage, plain SIP, a wrong certificate) or times out closes the connection and is counted
+in ``tls_failures``. After the handshake a TLS connection is framed and limited exactly like a TCP one.
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ import ipaddress
 import re
 import secrets
 import socket
+import ssl
 from collections.abc import Callable
 
 from loguru import logger
 
 from .config import SIPConfig
 from .message import MAX_MESSAGE_SIZE, SIPMessage, SIPParseError, canonical_name, parse_message, parse_stream
+from .tls import server_context
 
 Address = tuple[str, int]
 MAX_DATAGRAM = 65_507  # IPv4 UDP payload limit
@@ -101,6 +109,15 @@ class _UDP(asyncio.DatagramProtocol):
         logger.debug(f"SIP UDP socket: {exc}")
 
 
+class _PausedUntilTLS(asyncio.StreamReaderProtocol):
+    """A stream protocol that reads nothing until ``start_tls``: the ClientHello that arrives with the connection
+    must reach the TLS layer, not the plain StreamReader's buffer (``start_tls`` resumes reading itself)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()
+        super().connection_made(transport)
+
+
 class SIPWire:
     """UDP and TCP for the SIP server: parsed messages to ``on_message(message, source)``, bytes out via ``send``.
 
@@ -122,7 +139,12 @@ class SIPWire:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp_server: asyncio.Server | None = None
         self._streams: dict[Address, asyncio.StreamWriter] = {}
+        self._secure: set[Address] = set()  # the TLS connections among _streams
         self._per_source: dict[str, int] = {}
+        self._tls_server: asyncio.Server | None = None
+        self._tls_context: ssl.SSLContext | None = None
+        self.tls_address: Address | None = None
+        self.tls_failures = 0  # handshakes that failed or timed out (garbage, plain text, bad certificates)
         self._limiter = SourceRateLimiter(rate=config.udp_rate_per_source, burst=config.udp_burst_per_source)
 
     @property
@@ -147,8 +169,27 @@ class SIPWire:
                 transports = "udp+tcp"
             except OSError as exc:
                 logger.warning(f"SIP over TCP not available on port {self.address[1]}: {exc}")
+        if self.config.tls:
+            await self._start_tls_listener()
+            transports += f" and tls port {self.tls_address[1]}"
         logger.info(f"SIP server listening on {transports} {self.address[0]}:{self.address[1]}")
         return self.address
+
+    async def _start_tls_listener(self) -> None:
+        """The TLS listener (plain TCP accept; each connection is upgraded in its own task)."""
+        config = self.config
+        self._tls_context = server_context(cert=config.tls_cert, key=config.tls_key, client_ca=config.tls_client_ca)
+        def protocol() -> _PausedUntilTLS:
+            return _PausedUntilTLS(asyncio.StreamReader(limit=MAX_MESSAGE_SIZE),
+                                   lambda reader, writer: self._serve_connection(reader, writer, tls=True))
+
+        try:
+            self._tls_server = await asyncio.get_running_loop().create_server(protocol, self.address[0],
+                                                                               config.tls_port)
+        except OSError:
+            await self.close()
+            raise
+        self.tls_address = self._tls_server.sockets[0].getsockname()[:2]
 
     def _grow_receive_buffer(self) -> None:
         sock = self._udp.get_extra_info("socket")
@@ -163,9 +204,10 @@ class SIPWire:
                         "raise net.core.rmem_max for more)")
 
     async def close(self) -> None:
-        if self._tcp_server is not None:
-            self._tcp_server.close()
-            self._tcp_server = None
+        for server in (self._tcp_server, self._tls_server):
+            if server is not None:
+                server.close()
+        self._tcp_server = self._tls_server = None
         for stream in list(self._streams.values()):
             stream.close()
         if self._udp is not None:
@@ -178,8 +220,22 @@ class SIPWire:
         return len(self._streams)
 
     def is_stream(self, peer: Address) -> bool:
-        """Whether ``peer`` is a TCP connection (responses and requests to it go on that connection)."""
+        """Whether ``peer`` is a TCP or TLS connection (responses and requests to it go on that connection)."""
         return peer in self._streams
+
+    def is_secure(self, peer: Address) -> bool:
+        """Whether ``peer`` is a TLS connection."""
+        return peer in self._secure
+
+    def transport_of(self, peer: Address) -> str:
+        """``"tls"``, ``"tcp"`` or ``"udp"``: how messages from ``peer`` came (for Via and Contact)."""
+        return "tls" if peer in self._secure else "tcp" if peer in self._streams else "udp"
+
+    def port_for(self, peer: Address) -> int:
+        """Our listening port for messages to ``peer``: the TLS port for a TLS connection, else the SIP port."""
+        if peer in self._secure and self.tls_address is not None:
+            return self.tls_address[1]
+        return self.address[1] if self.address else self.config.port
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -227,8 +283,9 @@ class SIPWire:
         except Exception:  # the layers above answer what they can; a bug there must not stop the socket
             logger.exception(f"SIP message from {source[0]}:{source[1]} failed")
 
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One TCP connection: messages framed by Content-Length, responses back on the same connection."""
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                                tls: bool = False) -> None:
+        """One TCP (or TLS) connection: messages framed by Content-Length, responses back on the same connection."""
         peer = writer.get_extra_info("peername")[:2]
         if len(self._streams) >= self.config.tcp_max_connections or \
                 self._per_source.get(peer[0], 0) >= self.config.tcp_max_per_source:
@@ -244,6 +301,8 @@ class SIPWire:
         self._per_source[peer[0]] = self._per_source.get(peer[0], 0) + 1
         why = "closed by peer"
         try:
+            if tls and not await self._handshake(writer, peer):
+                return
             why = await self._read_messages(reader, writer, peer)
         except SIPParseError as exc:
             why = f"malformed ({exc})"
@@ -252,11 +311,26 @@ class SIPWire:
         finally:
             if self._streams.get(peer) is writer:
                 del self._streams[peer]
+                self._secure.discard(peer)
             self._per_source[peer[0]] -= 1
             if not self._per_source[peer[0]]:
                 del self._per_source[peer[0]]
             writer.close()
         logger.debug(f"SIP over TCP from {peer[0]}:{peer[1]}: {why}")
+
+    async def _handshake(self, writer: asyncio.StreamWriter, peer: Address) -> bool:
+        """Upgrade a connection on the TLS port; False (counted, logged once per connection at info) when the
+        peer sent something that is not a TLS handshake, failed it, or was too slow."""
+        timeout = self.config.tls_handshake_secs
+        try:
+            await asyncio.wait_for(writer.start_tls(self._tls_context, ssl_handshake_timeout=timeout), timeout + 1)
+        except (OSError, asyncio.TimeoutError, EOFError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self.tls_failures += 1
+            reason = type(exc).__name__ + (f": {exc.reason}" if getattr(exc, "reason", None) else "")
+            logger.info(f"SIP over TLS from {peer[0]}:{peer[1]}: handshake failed ({reason[:80]}); closing")
+            return False
+        self._secure.add(peer)
+        return True
 
     async def _read_messages(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                              peer: Address) -> str:
