@@ -86,6 +86,9 @@ class NemotronSTTService(STTService):
         threads: CPU threads of the shared engine it creates (default: `engine.default_threads()`).
         final_context_ms: trailing silence the shared engine it creates gives each Final, so the model writes
             the terminal punctuation and the language tag (default 320 ms; 0 for the lowest time to final).
+        precision: "fp32" (default) or "int8" for the shared engine it creates: int8 quantises the encoder's
+            Linear layers on a CPU (about 2-4× the streams per core on the 0.6B model, a small accuracy cost:
+            see the README's encoder figures).
         server: "host:port" of a `pipecat-nemotron serve-riva` server to transcribe on instead of an engine in this
             process (the bot holds no model; many bot processes share the server's batched engine). The service's
             VAD-driven finalize is kept: each utterance is one RPC, ended at VAD stop (`pipecat_nemotron.remote`).
@@ -101,7 +104,7 @@ class NemotronSTTService(STTService):
                  device: str = "auto", strip_language_tags: bool = True, interim_results: bool = True,
                  engine: Engine | None = None, reservation: StreamReservation | None = None,
                  max_streams: int | None = None, threads: int | None = None, final_context_ms: int | None = None,
-                 server: str | None = None, ttfs_p99_latency: float | None = None,
+                 precision: str | None = None, server: str | None = None, ttfs_p99_latency: float | None = None,
                  settings: NemotronSTTSettings | None = None, **kwargs):
         default_settings = self.Settings(model=str(model if engine is None else engine.model_name),
                                          language=language_to_locale(language) if language else None)
@@ -123,6 +126,7 @@ class NemotronSTTService(STTService):
         self._max_streams = max_streams
         self._threads = threads
         self._final_context_ms = final_context_ms
+        self._precision = precision
         self._server = server
         self._stream = None
         self._reader: asyncio.Task | None = None
@@ -147,12 +151,14 @@ class NemotronSTTService(STTService):
     @classmethod
     async def preload(cls, *, model: str = DEFAULT_MODEL, chunk_ms: int = 160, device: str = "auto",
                       max_streams: int = 64, threads: int | None = None,
-                      final_context_ms: int | None = None) -> Engine:
+                      final_context_ms: int | None = None, precision: str | None = None) -> Engine:
         """Load the shared engine and run one warm-up utterance before calls arrive (servers: call at start-up);
         the engine is also the admission (`try_reserve()`) a transport asks before answering a call."""
         options = {"threads": threads} if threads else {}
         if final_context_ms is not None:
             options["final_context_ms"] = final_context_ms
+        if precision is not None:
+            options["precision"] = precision
         engine = await Engine.shared(model=model, chunk_ms=chunk_ms, device=device, max_streams=max_streams,
                                      **options).ready()
         await engine.warm_up()
@@ -279,6 +285,8 @@ class NemotronSTTService(STTService):
             options["threads"] = self._threads
         if self._final_context_ms is not None:
             options["final_context_ms"] = self._final_context_ms
+        if self._precision is not None:
+            options["precision"] = self._precision
         return options
 
     async def _flush_last_utterance(self):

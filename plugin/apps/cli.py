@@ -23,6 +23,8 @@ MODEL_HELP = "Hugging Face id, .nemo path, or 'demo' (the bundled demo model: en
 CHUNK_HELP = f"chunk size in ms: {', '.join(map(str, CHUNK_SIZES_MS))}"
 LANGUAGE_HELP = "a locale such as en-US (one of the model's 40; 'pipecat-nemotron languages'), or 'auto' to detect"
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+PRECISION_HELP = ("fp32, or int8 on a CPU: the encoder's Linear layers quantised (2-4x the streams per core on the "
+                  "0.6B model, a small accuracy cost; see the README)")
 DRAIN_HELP = "on SIGTERM (or POST /drain): seconds live calls may go on before the server ends them"
 METRICS_PORT_HELP = "serve Prometheus /metrics, /healthz and POST /drain on this HTTP port"
 METRICS_HOST_HELP = "address of the metrics port (POST /drain has no authentication: keep it private)"
@@ -48,6 +50,11 @@ def _chunk_ms(value):
 def _device(value):
     from .options import check_device
     return _checked(check_device)(value)
+
+
+def _precision(value):
+    from .options import check_precision
+    return _checked(check_precision)(value)
 
 
 def _fail(error) -> None:
@@ -79,6 +86,7 @@ def transcribe(
     json_lines: bool = typer.Option(False, "--json", help="one JSON line per final transcript on stdout"),
     vad_mode: int = typer.Option(2, min=0, max=3, help="WebRTC VAD aggressiveness"),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads of the model (default: CPUs - 1, at least 1)"),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP, callback=_precision),
 ):
     """Stream audio files as calls through NemotronSTTService (all files at once, batched)."""
     import asyncio
@@ -110,7 +118,8 @@ def transcribe(
             # its own engine, sized for the files: a batch job where every file is admitted however far the engine
             # runs behind (--fast floods it on purpose); closed at the end
             engine = Engine(model=model, chunk_ms=chunk_ms, device=device, max_streams=max(4, len(files)),
-                            max_admission_lag_s=None, **({"threads": threads} if threads else {}))
+                            max_admission_lag_s=None, precision=precision,
+                            **({"threads": threads} if threads else {}))
             engine.wait_ready()
         if locale != "auto" and locale not in engine.languages:
             raise NemotronEngineError(f"{model} has no prompt for {locale}; it knows {sorted(engine.languages)}")
@@ -181,6 +190,7 @@ def serve_webrtc(
                                            "the model (and your LLM key); there is no authentication"),
     threads: Optional[int] = typer.Option(None, min=1, show_default="CPUs - 1, at least 1",
                                           help="CPU threads of the model"),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP, callback=_precision),
     drain_timeout: float = typer.Option(60.0, min=0, help=DRAIN_HELP),
     metrics_port: Optional[int] = typer.Option(None, min=0, max=65535, show_default="off", help=METRICS_PORT_HELP),
     metrics_host: str = typer.Option("127.0.0.1", help=METRICS_HOST_HELP),
@@ -198,7 +208,7 @@ def serve_webrtc(
     from .webrtc_server import run_webrtc_server
 
     run_webrtc_server(host=host, port=port, model=model, chunk_ms=chunk_ms, language=locale, device=device, llm=llm,
-                      allow_remote=allow_remote, threads=threads, drain_timeout=drain_timeout,
+                      allow_remote=allow_remote, threads=threads, precision=precision, drain_timeout=drain_timeout,
                       metrics_port=metrics_port, metrics_host=metrics_host)
 
 
@@ -214,6 +224,7 @@ def serve_sip(
     device: str = typer.Option("auto", help=DEVICE_HELP, callback=_device),
     threads: Optional[int] = typer.Option(None, min=1, show_default="CPUs - 1, at least 1",
                                           help="CPU threads of the model"),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP, callback=_precision),
     max_calls: Optional[int] = typer.Option(None, min=1, show_default="the measured capacity: 24 for the demo "
                                             "model on a 2-core CPU", help="concurrent calls; 503 + Retry-After beyond"),
     allow: List[str] = typer.Option([], "--allow", show_default="loopback and private networks only",
@@ -247,7 +258,8 @@ def serve_sip(
             "--device", device, "--max-call-secs", str(max_call_secs), "--retry-after", str(retry_after),
             "--sip-rate", str(sip_rate), "--tcp-max-connections", str(tcp_max_connections),
             "--tcp-max-per-source", str(tcp_max_per_source), "--tcp-idle-secs", str(tcp_idle_secs),
-            "--output", output, "--drain-timeout", str(drain_timeout), "--metrics-host", metrics_host]
+            "--output", output, "--drain-timeout", str(drain_timeout), "--metrics-host", metrics_host,
+            "--precision", precision]
     for name, value in (("--advertise", advertise), ("--threads", threads), ("--max-calls", max_calls),
                         ("--greeting", greeting), ("--metrics-port", metrics_port)):
         if value is not None:
@@ -271,6 +283,7 @@ def serve_riva(
                                               help="client streams at once; beyond it RESOURCE_EXHAUSTED"),
     threads: Optional[int] = typer.Option(None, min=1, show_default="CPUs - 1, at least 1",
                                           help="CPU threads of the model"),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP, callback=_precision),
     drain_timeout: float = typer.Option(60.0, min=0, help=DRAIN_HELP.replace("calls", "streams")),
     metrics_port: Optional[int] = typer.Option(None, min=0, max=65535, show_default="off", help=METRICS_PORT_HELP),
     metrics_host: str = typer.Option("127.0.0.1", help=METRICS_HOST_HELP),
@@ -292,7 +305,8 @@ def serve_riva(
         _fail("TLS needs both --tls-cert and --tls-key")
     streams = max_streams or default_max_calls(model, device)[0]
     run_riva_server(host=host, port=port, model=model, chunk_ms=chunk_ms, device=device, max_streams=streams,
-                    threads=threads, drain_timeout=drain_timeout, metrics_port=metrics_port, metrics_host=metrics_host,
+                    threads=threads, precision=precision, drain_timeout=drain_timeout, metrics_port=metrics_port,
+                    metrics_host=metrics_host,
                     tls_cert=str(tls_cert) if tls_cert else None, tls_key=str(tls_key) if tls_key else None)
 
 

@@ -32,6 +32,15 @@ def check_chunk_ms(chunk_ms: int) -> int:
     return chunk_ms
 
 
+PRECISIONS = ("fp32", "int8")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise OptionError(f"--precision must be fp32 or int8 (CPU), not {precision!r}")
+    return precision
+
+
 def check_device(device: str) -> str:
     if not _DEVICE_SYNTAX.match(device):
         raise OptionError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")

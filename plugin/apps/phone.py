@@ -212,7 +212,8 @@ async def _serve(args: argparse.Namespace, *, stt_factory, out: IO[str] | None, 
 
         with loading(Console(stderr=True), f"{args.model} ({args.chunk_ms} ms chunks)"):
             engine = await NemotronSTTService.preload(model=args.model, chunk_ms=args.chunk_ms, device=args.device,
-                                                      max_streams=max(args.max_calls, 1), threads=args.threads)
+                                                      max_streams=max(args.max_calls, 1), threads=args.threads,
+                                                      precision=args.precision)
         node.engine = engine
         # One capacity truth: the SIP server reserves an engine stream before it answers (503 + Retry-After
         # when none is free, OPTIONS 503 while full); the call's STT service runs on that reservation.
@@ -296,6 +297,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-ms", type=int, default=160, help="80, 160, 320, 560 or 1120")
     parser.add_argument("--language", default="auto", help="a locale such as en-US, or 'auto' to detect")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                        help="fp32, or int8 on a CPU (the encoder's Linear layers quantised)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of the model (default: one less than the CPUs, at least 1)")
     parser.add_argument("--max-calls", type=int, default=None,

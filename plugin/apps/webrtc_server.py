@@ -191,7 +191,7 @@ class WebRTCServer:
     def __init__(self, *, model: str = DEFAULT_MODEL, chunk_ms: int = 160, language: Language | None = None,
                  device: str = "auto", llm: LLMConfig | None = None, engine: Engine | None = None,
                  vad_stop_secs: float = 0.4, max_sessions: int = 16, threads: int | None = None,
-                 drain: Drain | None = None, metrics: ServerMetrics | None = None):
+                 precision: str = "fp32", drain: Drain | None = None, metrics: ServerMetrics | None = None):
         from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequestHandler
 
         self.model = model
@@ -199,6 +199,7 @@ class WebRTCServer:
         self.language = language
         self.device = device
         self.threads = threads
+        self.precision = precision
         self.llm = llm
         self.engine = engine
         self.vad_stop_secs = vad_stop_secs
@@ -219,7 +220,7 @@ class WebRTCServer:
         """Load the model (once) before the first call."""
         if self.engine is None:
             self.engine = Engine.shared(model=self.model, chunk_ms=self.chunk_ms, device=self.device,
-                                        max_streams=self.max_sessions,
+                                        max_streams=self.max_sessions, precision=self.precision,
                                         **({"threads": self.threads} if self.threads else {}))
         await self.engine.ready()
         if self.language is not None:
@@ -468,7 +469,7 @@ def allow_loopback_ice_candidates() -> None:
 
 async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT_MODEL, chunk_ms: int = 160,
                        language: Language | str | None = None, device: str = "auto", llm: bool | None = None,
-                       allow_remote: bool = False, threads: int | None = None,
+                       allow_remote: bool = False, threads: int | None = None, precision: str = "fp32",
                        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S, metrics_port: int | None = None,
                        metrics_host: str = "127.0.0.1", handle_signals: bool = True) -> None:
     """Serve the browser page and WebRTC calls until interrupted.
@@ -482,6 +483,7 @@ async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str 
         llm: None = answer with an LLM when `NEMOTRON_LLM_API_KEY`/`OPENAI_API_KEY` is set; False = never;
             True = require one (error when no key is set).
         threads: CPU threads of the model (default: one less than the CPUs, at least 1).
+        precision: "fp32", or "int8" on a CPU (`Engine(precision=)`).
         allow_remote: required to listen on a non-loopback `host`: there is no authentication, so anyone who
             reaches the port could use the model and the LLM key (ValueError otherwise, before the model loads).
         drain_timeout: on SIGTERM (or `POST /drain`), how long live sessions may go on before they are ended.
@@ -505,7 +507,7 @@ async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str 
     if handle_signals:  # before the load: a SIGTERM while loading ends a server with no sessions at once
         drain.install_signal_handlers()
     server = WebRTCServer(model=model, chunk_ms=chunk_ms, language=_language(language), device=device,
-                          llm=_llm_config(llm), threads=threads, drain=drain)
+                          llm=_llm_config(llm), threads=threads, precision=precision, drain=drain)
     admin = catch_up = None
     try:
         if metrics_port is not None:
@@ -552,7 +554,7 @@ async def _catch_up(metrics: ServerMetrics) -> None:
 
 def run_webrtc_server(*, host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT_MODEL, chunk_ms: int = 160,
                       language: Language | str | None = None, device: str = "auto", llm: bool | None = None,
-                      allow_remote: bool = False, threads: int | None = None,
+                      allow_remote: bool = False, threads: int | None = None, precision: str = "fp32",
                       drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S, metrics_port: int | None = None,
                       metrics_host: str = "127.0.0.1") -> None:
     """Blocking wrapper of `serve_webrtc` (for the CLI and scripts); exits with status 2 on a setup error."""
@@ -561,7 +563,7 @@ def run_webrtc_server(*, host: str = "127.0.0.1", port: int = 7860, model: str =
     try:
         asyncio.run(serve_webrtc(host=host, port=port, model=model, chunk_ms=chunk_ms, language=language,
                                  device=device, llm=llm, allow_remote=allow_remote, threads=threads,
-                                 drain_timeout=drain_timeout, metrics_port=metrics_port, metrics_host=metrics_host))
+                                 precision=precision, drain_timeout=drain_timeout, metrics_port=metrics_port, metrics_host=metrics_host))
     except KeyboardInterrupt:
         pass
     except (NemotronEngineError, ValueError) as error:

@@ -56,7 +56,8 @@ async def start_riva_server(*, engine: Engine, host: str = "127.0.0.1", port: in
 
 
 async def serve_riva(*, host: str, port: int, model: str, chunk_ms: int, device: str, max_streams: int,
-                     threads: int | None = None, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
+                     threads: int | None = None, precision: str = "fp32",
+                     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
                      metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
                      tls_cert: str | None = None, tls_key: str | None = None) -> None:
     """Load the model, warm it up, and serve until SIGTERM (a graceful drain: new streams UNAVAILABLE, health
@@ -65,7 +66,7 @@ async def serve_riva(*, host: str, port: int, model: str, chunk_ms: int, device:
     drain = Drain(timeout_s=drain_timeout)
     drain.install_signal_handlers()
     engine = Engine.shared(model=model, chunk_ms=chunk_ms, device=device, max_streams=max_streams,
-                           **({"threads": threads} if threads else {}))
+                           precision=precision, **({"threads": threads} if threads else {}))
     metrics = ServerMetrics(drain=drain, engine=lambda: engine)
     admin = None
     if metrics_port is not None:
