@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from .admission import Reservation
-from .message import SIPRequest, parse_address, split_list, uri_host_port
+from .message import SIPParseError, SIPRequest, SIPResponse, parse_address, split_list, uri_host_port
 from .rtp import RtpSession
 from .sdp import Negotiated, SDPBuilder
 from .wire import is_ip_literal
@@ -65,6 +65,11 @@ class SIPCall:
         self.route_set = invite.get_all("Record-Route")
         self.remote_cseq = invite.cseq[0]
         self.local_cseq = 0
+        self.direction = "inbound"
+        # What our in-dialog requests carry: From (us, with our tag) and To (the peer, with its tag)
+        to = parse_address(invite.get("To"))
+        to.params["tag"] = self.local_tag
+        self.local_party, self.remote_party = str(to), invite.get("From")
         self.rtp = rtp
         self.reservation = reservation
         self.application_running = False
@@ -81,6 +86,31 @@ class SIPCall:
         self._ended_callbacks: list[Callable[[SIPCall], Awaitable[None] | None]] = []
         self._tasks: set[asyncio.Task] = set()
         self._timers: list[asyncio.TimerHandle] = []
+
+    @classmethod
+    def outbound(cls, *, server: SIPUserAgentServer, invite: SIPRequest, answer: SIPResponse,
+                 destination: Address, rtp: RtpSession) -> SIPCall:
+        """The dialog of a call we placed (RFC 3261 §12.1.2), from our INVITE and the 2xx that answered it:
+        the route set is the 2xx's Record-Route reversed, the remote target its Contact. In-dialog requests go
+        to the first route, else to the remote target when it is an IP literal, else where the INVITE went."""
+        call = cls(server=server, invite=invite, source=destination, rtp=rtp)
+        ours, theirs = parse_address(invite.get("From")), parse_address(answer.get("To"))
+        call.direction = "outbound"
+        call.caller_uri, call.caller_name, call.called_uri = ours.uri, ours.display_name, theirs.uri
+        call.local_tag, call.remote_tag = ours.tag or "", theirs.tag or ""
+        call.local_party, call.remote_party = invite.get("From"), answer.get("To")
+        contact = [c for c in answer.get_all("Contact") if c != "*"]
+        call.remote_target = parse_address(contact[0]).uri if contact else invite.uri
+        call.route_set = list(reversed(answer.get_all("Record-Route")))
+        call.remote_cseq, call.local_cseq = 0, invite.cseq[0]
+        if not call.route_set:
+            try:
+                host, port = uri_host_port(call.remote_target)
+            except ValueError:
+                host, port = "", None
+            if is_ip_literal(host):
+                call.remote_address = (host, port or 5060)
+        return call
 
     @property
     def identity(self) -> dict:
@@ -160,10 +190,11 @@ class SIPCall:
 
     def summary(self) -> str:
         """The call's one log line: who, how it ended, how long, codec and RTP counts."""
+        who = f"to {self.called_uri}" if self.direction == "outbound" else f"from {self.caller_uri}"
         talk = f"{self.ended_at - self.answered_at:.1f}s" if self.answered_at and self.ended_at else "-"
         codec = self.negotiated.codec if self.negotiated else "-"
         s = self.rtp.stats
-        return (f"call {self.call_id} from {self.caller_uri} at {self.remote_address[0]}:{self.remote_address[1]}: "
+        return (f"call {self.call_id} {who} at {self.remote_address[0]}:{self.remote_address[1]}: "
                 f"{self.outcome}; duration {talk}, {codec}, rtp in {s.packets_in} out {s.packets_out} "
                 f"ignored {s.ignored}, dtmf {s.dtmf_digits or '-'}")
 
@@ -248,35 +279,46 @@ async def retransmit_until_ack(call: SIPCall, data: bytes, destination: Address,
 
 def build_bye(call: SIPCall, *, via_host: str, via_port: int, protocol: str,
               user_agent: str) -> tuple[SIPRequest, Address]:
-    """Our BYE for ``call`` (RFC 3261 §15.1.1) and where it goes: the first route, else the INVITE's source.
+    """Our BYE for ``call`` (RFC 3261 §15.1.1) and where it goes: the first route, else the peer's address.
 
     A route whose host is a name rather than an IP literal is not resolved (no DNS on the event loop): the
     BYE then goes back to where the INVITE came from.
     """
     call.local_cseq = max(call.local_cseq + 1, 1)
-    bye = SIPRequest(method="BYE", uri=call.remote_target)
-    bye.add("Via", f"SIP/2.0/{protocol} {via_host}:{via_port};branch={new_branch()};rport")
-    bye.add("Max-Forwards", "70")
+    return build_in_dialog(call, "BYE", call.local_cseq, via_host=via_host, via_port=via_port, protocol=protocol,
+                           user_agent=user_agent)
+
+
+def build_ack(call: SIPCall, *, via_host: str, via_port: int, user_agent: str) -> tuple[SIPRequest, Address]:
+    """Our ACK of the 2xx that answered our INVITE (RFC 3261 §13.2.2.4): in the dialog, the INVITE's CSeq."""
+    return build_in_dialog(call, "ACK", call.invite.cseq[0], via_host=via_host, via_port=via_port,
+                           protocol="UDP", user_agent=user_agent)
+
+
+def build_in_dialog(call: SIPCall, method: str, cseq: int, *, via_host: str, via_port: int, protocol: str,
+                    user_agent: str) -> tuple[SIPRequest, Address]:
+    """A request within ``call``'s dialog (§12.2.1.1): to the remote target along the route set."""
+    request = SIPRequest(method=method, uri=call.remote_target)
+    request.add("Via", f"SIP/2.0/{protocol} {via_host}:{via_port};branch={new_branch()};rport")
+    request.add("Max-Forwards", "70")
     for route in call.route_set:
-        bye.add("Route", route)
-    to = parse_address(call.invite.get("To"))
-    to.params["tag"] = call.local_tag
-    bye.add("From", str(to))
-    bye.add("To", call.invite.get("From"))
-    bye.add("Call-ID", call.call_id)
-    bye.add("CSeq", f"{call.local_cseq} BYE")
-    bye.add("User-Agent", user_agent)
+        request.add("Route", route)
+    request.add("From", call.local_party)
+    request.add("To", call.remote_party)
+    request.add("Call-ID", call.call_id)
+    request.add("CSeq", f"{cseq} {method}")
+    request.add("User-Agent", user_agent)
     destination = call.remote_address  # no proxy: back to where the INVITE came from (NAT-safe)
     if call.route_set:
         try:
             host, port = uri_host_port(parse_address(call.route_set[0]).uri)
-        except ValueError:
+        except (ValueError, SIPParseError):
             host, port = "", None
         if is_ip_literal(host):
             destination = (host, port or 5060)
         else:
-            logger.info(f"call {call.call_id}: route {host!r} is not an IP literal; BYE to the INVITE's source")
-    return bye, destination
+            logger.info(f"call {call.call_id}: route {host!r} is not an IP literal; {method} to {destination[0]}")
+    return request, destination
 
 
-__all__ = ["Dialogs", "SIPCall", "build_bye", "new_branch", "new_tag", "retransmit_until_ack"]
+__all__ = ["Dialogs", "SIPCall", "build_ack", "build_bye", "build_in_dialog", "new_branch", "new_tag", "retransmit_until_ack"]

@@ -6,8 +6,9 @@ RFC 2543 fields (Call-ID, From tag, CSeq number, top Via). A retransmitted reque
 again; an ACK of a non-2xx final response is absorbed. The ACK of a 2xx is its own transaction and goes to
 the dialog (the 2xx itself is retransmitted by the dialog layer, as §13.3.1.4 asks). Entries live 64·T1.
 
-Client side: our requests (the BYE) are retransmitted from T1 doubling to T2 until a final response, matched
-by the branch and the CSeq method (§17.1.3).
+Client side: our non-INVITE requests (BYE, REGISTER, CANCEL) are retransmitted from T1 doubling to T2 until a
+final response, matched by the branch and the CSeq method (§17.1.3); our INVITE has its own transaction
+(timers A and B, the ACK of a non-2xx final, the dialog's ACK re-sent for a retransmitted 2xx).
 """
 
 from __future__ import annotations
@@ -97,22 +98,40 @@ class ServerTransactions:
 
 
 class ClientTransactions:
-    """Our non-INVITE requests: retransmitted (T1 doubling to T2) until a final response or 64·T1."""
+    """Our requests (RFC 3261 §17.1), matched to their responses by the top Via's branch and the CSeq method.
+
+    Non-INVITE (BYE, REGISTER, CANCEL): retransmitted T1 doubling to T2 until a final response, given up after
+    64·T1 (:meth:`send`). INVITE (:meth:`invite`): an :class:`InviteClientTransaction` whose responses the caller
+    reads one by one.
+    """
 
     def __init__(self, *, send: Callable[[bytes, Address], None], t1: float, t2: float):
         self._send = send
         self.t1, self.t2 = t1, t2
-        self._pending: dict[tuple[str, str], asyncio.Future] = {}
+        self._pending: dict[tuple[str, str], Callable[[SIPResponse], None]] = {}
 
     @staticmethod
     def _key(message: SIPRequest | SIPResponse) -> tuple[str, str]:
         return parse_via(message.get_all("Via")[0]).branch, message.cseq[1]
 
+    def __len__(self) -> int:
+        return len(self._pending)
+
     async def request(self, request: SIPRequest, destination: Address) -> int | None:
         """Send ``request``; the final status, or None when nothing answered within 64·T1."""
+        response = await self.send(request, destination)
+        return None if response is None else response.status
+
+    async def send(self, request: SIPRequest, destination: Address) -> SIPResponse | None:
+        """Send a non-INVITE ``request``; its final response, or None when nothing answered within 64·T1."""
         key = self._key(request)
         future = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
+
+        def on_response(response: SIPResponse) -> None:
+            if not future.done() and response.status >= 200:
+                future.set_result(response)
+
+        self._pending[key] = on_response
         interval, waited, data = self.t1, 0.0, request.to_bytes()
         try:
             while waited < 64 * self.t1:
@@ -122,19 +141,127 @@ class ClientTransactions:
                 except asyncio.TimeoutError:
                     waited += interval
                     interval = min(interval * 2, self.t2)
-            logger.info(f"call {request.call_id}: no response to our {request.method}")
+            logger.info(f"{request.method} {request.call_id}: no response from {destination[0]}:{destination[1]}")
             return None
         finally:
             self._pending.pop(key, None)
 
+    def invite(self, request: SIPRequest, destination: Address) -> InviteClientTransaction:
+        """Start the client transaction of our INVITE (sent at once); read its responses with ``next()``."""
+        key = self._key(request)
+        transaction = InviteClientTransaction(request=request, destination=destination, send=self._send,
+                                              t1=self.t1, on_done=lambda: self._pending.pop(key, None))
+        self._pending[key] = transaction.on_response
+        transaction.start()
+        return transaction
+
     def on_response(self, response: SIPResponse) -> bool:
         """Hand a response to the transaction waiting for it; False when none is (a stray response)."""
-        future = self._pending.get(self._key(response))
-        if future is None:
+        handler = self._pending.get(self._key(response))
+        if handler is None:
             return False
-        if not future.done() and response.status >= 200:
-            future.set_result(response.status)
+        handler(response)
         return True
 
 
-__all__ = ["ClientTransactions", "ServerTransactions", "server_key"]
+class InviteClientTransaction:
+    """The client transaction of one INVITE (RFC 3261 §17.1.1, with RFC 6026's 2xx handling).
+
+    The INVITE is retransmitted (timer A: T1, 2·T1, …) until the first response; without any response in 64·T1
+    (timer B) ``next()`` returns None. Each non-2xx final response is acknowledged here (the ACK reuses the
+    INVITE's branch); a 2xx is the dialog's to acknowledge: ``acknowledge(data, destination)`` sends that ACK
+    and re-sends it for every retransmitted 2xx while the transaction lingers (64·T1 after the final response,
+    then ``on_done``).
+    """
+
+    def __init__(self, *, request: SIPRequest, destination: Address, send: Callable[[bytes, Address], None],
+                 t1: float, on_done: Callable[[], None]):
+        self.request, self.destination = request, destination
+        self._send, self.t1, self._on_done = send, t1, on_done
+        self._responses: asyncio.Queue[SIPResponse | None] = asyncio.Queue()
+        self._final: SIPResponse | None = None
+        self._responded = asyncio.Event()
+        self._acks: dict[str, tuple[bytes, Address]] = {}  # To-tag of a 2xx → our ACK of it
+        self._timer: asyncio.Task | None = None
+        self._linger: asyncio.TimerHandle | None = None
+
+    @property
+    def provisional_received(self) -> bool:
+        return self._responded.is_set()
+
+    def start(self) -> None:
+        self._timer = asyncio.get_running_loop().create_task(self._retransmit())
+
+    async def _retransmit(self) -> None:
+        data, interval, waited = self.request.to_bytes(), self.t1, 0.0
+        while waited < 64 * self.t1:
+            self._send(data, self.destination)
+            step = min(interval, 64 * self.t1 - waited)
+            try:
+                await asyncio.wait_for(self._responded.wait(), step)
+                return
+            except asyncio.TimeoutError:
+                waited += step
+                interval *= 2
+        self._responses.put_nowait(None)  # timer B: nothing answered
+
+    async def next(self, timeout: float | None = None) -> SIPResponse | None:
+        """The next response (provisional or final), None after timer B; asyncio.TimeoutError after ``timeout``."""
+        return await asyncio.wait_for(self._responses.get(), timeout)
+
+    def on_response(self, response: SIPResponse) -> None:
+        self._responded.set()
+        if response.status < 200:
+            if self._final is None:
+                self._responses.put_nowait(response)
+            return
+        if response.status >= 300:
+            self._send(self._non_2xx_ack(response).to_bytes(), self.destination)
+            if self._final is None:
+                self._final = response
+                self._responses.put_nowait(response)
+                self._finish()
+            return
+        tag = parse_address(response.get("To")).tag or ""
+        if tag in self._acks:  # a retransmitted 2xx: our ACK again
+            self._send(*self._acks[tag])
+            return
+        if self._final is None:
+            self._final = response
+            self._finish()
+        self._responses.put_nowait(response)  # also a 2xx of another fork: the caller acknowledges it too
+
+    def acknowledge(self, response: SIPResponse, data: bytes, destination: Address) -> None:
+        """Send the dialog's ACK of a 2xx and re-send it whenever that 2xx comes again."""
+        self._acks[parse_address(response.get("To")).tag or ""] = (data, destination)
+        self._send(data, destination)
+
+    def _non_2xx_ack(self, response: SIPResponse) -> SIPRequest:
+        """RFC 3261 §17.1.1.3: Request-URI, top Via, From, Call-ID, Route as the INVITE; To of the response."""
+        invite = self.request
+        ack = SIPRequest(method="ACK", uri=invite.uri)
+        ack.add("Via", invite.get_all("Via")[0])
+        ack.add("Max-Forwards", "70")
+        for route in invite.get_all("Route"):
+            ack.add("Route", route)
+        ack.add("From", invite.get("From"))
+        ack.add("To", response.get("To"))
+        ack.add("Call-ID", invite.call_id)
+        ack.add("CSeq", f"{invite.cseq[0]} ACK")
+        return ack
+
+    def _finish(self) -> None:
+        self._responded.set()
+        if self._linger is None:
+            self._linger = asyncio.get_running_loop().call_later(64 * self.t1, self.close)
+
+    def close(self) -> None:
+        """Stop retransmitting and forget the transaction (later responses are strays)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._linger is not None:
+            self._linger.cancel()
+        self._on_done()
+
+
+__all__ = ["ClientTransactions", "InviteClientTransaction", "ServerTransactions", "server_key"]

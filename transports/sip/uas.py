@@ -171,7 +171,7 @@ class SIPUserAgentServer:
         if not self.wire.is_stream(source) and request.method != "ACK" and _size(request) > MAX_UDP_REQUEST:
             self.responses.respond(request, source, 513)  # our responses echo it and would not fit a datagram
             return
-        if not self.config.allows(source[0]):
+        if not self.config.allows(source[0]) and not self._in_our_dialog(request):
             if request.method != "ACK":
                 if request.method == "INVITE":  # told first: whoever sees the 403 sees it counted
                     self._log_rejected(request, source, "rejected 403 (peer not allowed)", "forbidden")
@@ -188,6 +188,11 @@ class SIPUserAgentServer:
             self.responses.respond(request, source, 405)
         else:
             self.responses.respond(request, source, 501)
+
+    def _in_our_dialog(self, request: SIPRequest) -> bool:
+        """An in-dialog request of a call we placed: its peer is whoever we called, allow-listed or not."""
+        call = self.dialogs.find(request) if parse_address(request.get("To")).tag else None
+        return call is not None and call.direction == "outbound"
 
     def _log_rejected(self, request: SIPRequest, source: Address, outcome: str, reason: str) -> None:
         caller = parse_address(request.get("From")).uri
@@ -286,13 +291,25 @@ class SIPUserAgentServer:
             call.rtp.configure(call.negotiated)
             call.rtp.start()
         call.spawn(self._confirm(call, response.to_bytes(), self.responses.destination(request, source)))
+        self.supervise(call)
+        if self.on_call is not None:
+            call.application_started()
+            self._spawn(self._run_application(call))
+
+    def supervise(self, call: SIPCall) -> None:
+        """The call's limits: hung up after ``max_call_secs``, and after ``rtp_timeout_secs`` without media."""
         if self.config.max_call_secs:
             call.call_later(self.config.max_call_secs, lambda: call.spawn(self.hangup(call, "max call length")))
         if self.config.rtp_timeout_secs:
             call.spawn(self._watch_rtp(call, self.config.rtp_timeout_secs))
-        if self.on_call is not None:
-            call.application_started()
-            self._spawn(self._run_application(call))
+
+    def add_call(self, call: SIPCall) -> None:
+        """A call placed by us (``uac``): its in-dialog requests (BYE, re-INVITE) are answered here."""
+        self.dialogs.add(call)
+
+    def end(self, call: SIPCall, outcome: str) -> None:
+        """End ``call`` without signalling (its one log line is written)."""
+        self._end(call, outcome)
 
     async def _confirm(self, call: SIPCall, data: bytes, destination: Address) -> None:
         """Retransmit the 200 until the ACK; without one after 64·T1, BYE (RFC 3261 §13.3.1.4)."""
@@ -367,7 +384,7 @@ class SIPUserAgentServer:
             return
         self.responses.respond(request, source, 200)
         call.confirmed.set()
-        self._end(call, "caller hung up")
+        self._end(call, "caller hung up" if call.direction == "inbound" else "callee hung up")
 
     def _on_options(self, request: SIPRequest, source: Address) -> None:
         if parse_address(request.get("To")).tag:

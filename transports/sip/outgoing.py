@@ -1,0 +1,103 @@
+"""Our own out-of-dialog requests (REGISTER, INVITE, CANCEL): where they go and how they start.
+
+A target is a ``sip:`` URI or ``host[:port]``; its host is used as it is when it is an IP literal, else looked up
+with ``loop.getaddrinfo`` (the resolver runs in the loop's executor, never blocking the event loop; A/AAAA only,
+no SRV/NAPTR). Requests carry a Via with a fresh branch and ``rport``, Max-Forwards, From/To/Call-ID/CSeq and our
+Contact (the address the registrar or peer reaches us at: the UAS's own socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+
+from .message import SIPParseError, SIPRequest, parse_address, uri_host_port
+from .wire import is_ip_literal
+
+Address = tuple[str, int]
+RESOLVE_TIMEOUT_SECS = 5.0
+
+
+class SIPTargetError(ValueError):
+    """A target that is not a usable ``sip:`` URI or host[:port], or a host that does not resolve."""
+
+
+def sip_uri(target: str) -> str:
+    """``target`` as a ``sip:`` URI (``host``, ``user@host:port`` and ``sip:…`` are accepted; ``sips:`` is not)."""
+    target = target.strip()
+    if target.lower().startswith("sips:"):
+        raise SIPTargetError(f"{target!r}: sips: (TLS) is not supported by this client")
+    uri = target if target.lower().startswith("sip:") else f"sip:{target}"
+    try:
+        uri_host_port(uri)
+    except SIPParseError as exc:
+        raise SIPTargetError(f"{target!r} is not a SIP URI ({exc})") from None
+    if any(c.isspace() or c in "<>\"" for c in uri):
+        raise SIPTargetError(f"{target!r} is not a SIP URI")
+    return "sip:" + uri[4:]
+
+
+def uri_user(uri: str) -> str | None:
+    """The user part of a ``sip:`` URI, or None."""
+    rest = uri.split(":", 1)[1] if ":" in uri else uri
+    return rest.split("@", 1)[0] if "@" in rest else None
+
+
+async def resolve(target: str, *, default_port: int = 5060, family: int = socket.AF_INET) -> Address:
+    """(ip, port) of a ``sip:`` URI or host[:port]: IP literals as they are, names through ``loop.getaddrinfo``
+    (in the executor). SIPTargetError when the name does not resolve."""
+    host, port = uri_host_port(sip_uri(target))
+    port = port or default_port
+    if is_ip_literal(host):
+        return host, port
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM),
+                                       RESOLVE_TIMEOUT_SECS)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise SIPTargetError(f"{host!r} does not resolve ({exc or 'timed out'})") from None
+    if not infos:
+        raise SIPTargetError(f"{host!r} does not resolve")
+    return infos[0][4][0], port
+
+
+def new_call_id(host: str) -> str:
+    return f"{secrets.token_hex(12)}@{host}"
+
+
+def new_request(method: str, uri: str, *, via: Address, from_: str, to: str, call_id: str, cseq: int,
+                contact: str | None, user_agent: str, routes: list[str] = ()) -> SIPRequest:
+    """An out-of-dialog request with a fresh branch (a new transaction each time)."""
+    host = f"[{via[0]}]" if ":" in via[0] else via[0]
+    request = SIPRequest(method=method, uri=uri)
+    request.add("Via", f"SIP/2.0/UDP {host}:{via[1]};branch=z9hG4bK{secrets.token_hex(8)};rport")
+    request.add("Max-Forwards", "70")
+    for route in routes:
+        request.add("Route", route)
+    request.add("From", from_)
+    request.add("To", to)
+    request.add("Call-ID", call_id)
+    request.add("CSeq", f"{cseq} {method}")
+    if contact is not None:
+        request.add("Contact", contact)
+    request.add("User-Agent", user_agent)
+    return request
+
+
+def contact_uri(user: str, host: str, port: int) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return f"sip:{user}@{host}:{port}"
+
+
+def same_contact(value: str, ours: str) -> bool:
+    """Whether a Contact of a registrar's 200 is ``ours`` (user, host and port compared, parameters ignored)."""
+    try:
+        theirs = parse_address(value).uri
+        return uri_user(theirs) == uri_user(ours) and uri_host_port(theirs) == uri_host_port(ours)
+    except SIPParseError:
+        return False
+
+
+__all__ = ["SIPTargetError", "contact_uri", "new_call_id", "new_request", "resolve", "same_contact", "sip_uri",
+           "uri_user"]
