@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System packages the SIP tests use as real peers: sipp (Debian `sip-tester`) and baresip
-# (`baresip-core`: the CLI with the g711, aufile and sndfile modules, no GUI bits), and Kamailio
+# (`baresip-core`: the CLI with the g711, g722, opus, srtp, aufile and sndfile modules, no GUI bits), and Kamailio
 # as a record-routing proxy hop and dispatcher; HAProxy in front of serve-riva nodes.
 # Idempotent: installs only what is missing, and runs `apt-get update` only when a missing
 # package has no install candidate yet. Needs root or sudo.
