@@ -74,3 +74,14 @@ async def test_fuzz_slice_leaves_the_server_up_clean_and_transcribing(namespace)
     report = await run(args)
     assert report.inputs == SLICE_INPUTS
     assert not report.failures(), report.summary()
+
+
+async def test_hostile_registrar_challenges_give_clear_errors_and_no_register_storm():
+    """Our REGISTER answered by seeded hostile registrars (tools/sip_fuzz_challenges.py): garbage WWW-Authenticate,
+    huge nonces, unknown algorithms, missing realm or nonce, endless stale=true, junk 423/200/5xx: every input ends
+    in a state with a clear error, at most MAX_ROUNDS REGISTERs per attempt, no traceback."""
+    from tools.sip_fuzz_challenges import fuzz_challenges
+
+    report = await fuzz_challenges(120, seed=1)
+    assert report.inputs == 120 and not report.failures and not report.tracebacks, report.summary()
+    assert report.outcomes.get("auth_failed", 0) > 30 and report.outcomes.get("failed", 0) > 30, report.outcomes

@@ -2107,6 +2107,8 @@ class Report:
     new_findings: int = 0
     server_log: str = ""
     recheck: list = field(default_factory=list)
+    challenges: str = ""  # --challenges: hostile registrars answering our REGISTER (tools/sip_fuzz_challenges.py)
+    challenge_failures: list = field(default_factory=list)
 
     rss_margin: int = 64 * 2**20
     fd_margin: int = 8
@@ -2136,6 +2138,7 @@ class Report:
             out.append(f"{self.slow_kept_open} slow TCP connections not timed out")
         if self.normal_call and not (self.normal_call.get("answered") and self.transcript):
             out.append(f"normal call not completed/transcribed: {self.normal_call} {self.transcript}")
+        out += [f"registration challenge: {failure}" for failure in self.challenge_failures[:8]]
         return out
 
     def summary(self) -> str:
@@ -2166,6 +2169,8 @@ class Report:
         if self.udp_drops > 0 and (self.no_response or self.stuck_invites):
             lines.append(f"  (the {self.no_response + self.stuck_invites} unanswered requests are not counted against "
                          f"the server: the kernel dropped {self.udp_drops} datagrams for full receive buffers)")
+        if self.challenges:
+            lines.append(f"  {self.challenges}")
         failures = self.failures()
         lines.append("  ORACLE: " + ("PASS" if not failures else "FAIL: " + "; ".join(failures)))
         return "\n".join(lines)
@@ -2605,6 +2610,11 @@ async def run(args) -> Report:
                 _, transport, data, _ = finding.inputs[-1]
                 if transport == "UDP" and await replay_unanswered(data, final=finding.what.startswith("100")):
                     finding.repro = (transport, data)
+    if getattr(args, "challenges", 0):  # the client side: our REGISTER against hostile registrars
+        from .sip_fuzz_challenges import fuzz_challenges
+
+        challenge_report = await fuzz_challenges(args.challenges, args.seed)
+        report.challenges, report.challenge_failures = challenge_report.summary(), challenge_report.failures
     report.new_findings = findings.write()
     if getattr(args, "recheck", False) and findings.path is not None and findings.path.exists():
         seen = {sig: f.count for sig, f in findings.by_signature.items()}
@@ -2754,6 +2764,9 @@ def parse_args(argv=None):
                         help="replay the findings file's reproducing inputs against this tree, note fixed/still")
     parser.add_argument("--dump", type=int, default=0, help="print the first N generated inputs (no server) and exit")
     parser.add_argument("--json", default=None, help="write the report as JSON here")
+    parser.add_argument("--challenges", type=int, default=0,
+                        help="also answer N of our REGISTERs as hostile registrars (garbage challenges, huge nonces, "
+                             "unknown algorithms, missing realm): clear errors, no REGISTER storm, no traceback")
     parser.add_argument("--progress-secs", type=float, default=5.0)
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)

@@ -1,0 +1,120 @@
+"""Registration (`transports/sip/registration.py`) with Kamailio as the registrar (auth_db on a db_text subscriber
+table, `tests/sip/kamailio-registrar.cfg`) in a loopback-only network namespace: a wrong password is reported
+clearly and not retried in a storm, a 423 is answered with Min-Expires, the registration is refreshed before it
+expires, a call to the registered user through Kamailio reaches our server and is transcribed with the demo model,
+and stop() unregisters."""
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sip_support
+from pipecat_nemotron.transports.sip.digest import Credentials
+from pipecat_nemotron.transports.sip.registration import SIPRegistration
+from sip_support import HOST, free_port, loopback_namespace
+from test_sip_outbound import HELDOUT, Kamailio, heldout_row, kamailio_config
+
+pytestmark = pytest.mark.skipif(not Path("/usr/sbin/kamailio").exists() and shutil.which("kamailio") is None,
+                                reason="kamailio missing: run scripts/setup-system.sh")
+REALM = "registrar.test"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def network():
+    with loopback_namespace() as where:
+        yield where
+
+
+def registrar(tmp_path: Path, **kwargs) -> tuple[Kamailio, int]:
+    port = free_port()
+    config = kamailio_config(tmp_path, proxy_port=port, callee_port=free_port(), users={"bot": "s3cret"},
+                             realm=REALM, **kwargs)
+    return Kamailio(config, tmp_path), port
+
+
+async def test_wrong_password_is_reported_clearly_and_not_retried_in_a_storm(tmp_path, caplog):
+    kamailio, port = registrar(tmp_path)
+    async with kamailio, sip_support.serving(port=free_port()) as server:
+        registration = SIPRegistration(uas=server, aor=f"sip:bot@{HOST}", registrar=f"{HOST}:{port}",
+                                       credentials=Credentials("bot", "not-the-password"), expires=60)
+        registration.start()
+        await sip_support.until(lambda: registration.state == "auth_failed", timeout=5)
+        await asyncio.sleep(3.0)  # a retry storm would show here
+        await registration.stop()
+        assert "refused" in registration.last_error and "'bot'" in registration.last_error
+        assert "not-the-password" not in repr(registration) + repr(registration.credentials)
+        assert registration.auth_retry_secs >= 60
+        # one REGISTER without credentials (401), one with them (401 again): then nothing for 60 s
+        assert kamailio.count("REGISTER-SEEN") == 2 and registration.requests == 2
+        assert registration.state == "unregistered" and registration.registrations == 0
+
+
+async def test_register_423_refresh_inbound_call_transcribed_and_unregister(tmp_path):
+    """Asks 2 s (423: Min-Expires 6), is granted 6 s and refreshes at 3 s; baresip calls bot@registrar and
+    Kamailio routes the INVITE to our contact, where the demo model transcribes it; stop() unregisters."""
+    from pipecat.frames.frames import TranscriptionFrame
+    from pipecat.transcriptions.language import Language
+
+    from pipecat_nemotron.engine import Engine
+    from pipecat_nemotron.stt import NemotronSTTService
+    from pipecat_nemotron.wav import read_wav
+    from test_demo_model import normalise
+    from test_sip_transcription import Collector, baresip_call, transcribe_call
+
+    kamailio, port = registrar(tmp_path, min_expires=6)
+    engine = Engine(model="demo", chunk_ms=160, device="cpu", max_streams=2)
+    collector = Collector()
+    calls = []
+
+    async def on_call(call):
+        calls.append(call)
+        await transcribe_call(call, NemotronSTTService(engine=engine), collector)
+
+    row = heldout_row("en-US_00001.wav")
+    wav = read_wav(HELDOUT / row["file"])
+    speech = np.concatenate([np.zeros(2400, dtype=np.int16), wav.samples, np.zeros(8000, dtype=np.int16)])
+    loop = asyncio.get_running_loop()
+    try:
+        async with kamailio, sip_support.serving(on_call, port=free_port(), allowed_peers=(HOST,)) as server:
+            registration = SIPRegistration(uas=server, aor=f"sip:bot@{HOST}", registrar=f"{HOST}:{port}",
+                                           credentials=Credentials("bot", "s3cret"), expires=2)
+            registration.start()
+            await asyncio.wait_for(registration.registered.wait(), 5)
+            first = loop.time()
+            assert registration.granted == 6 and registration.expires == 6  # after the 423
+            await engine.ready()
+            output = await baresip_call(tmp_path, port, speech.astype("<i2"), seconds=6)
+            await asyncio.sleep(0.5)
+            assert calls, output[-2000:] + kamailio.log[-2000:]
+            assert "INVITE-TO-CONTACT sip:bot@127.0.0.1" in kamailio.log
+            await sip_support.until(lambda: registration.registrations >= 3, timeout=8)
+            assert loop.time() - first < 8  # refreshed at half the 6 s: twice within 8 s, never lapsed
+            seen = kamailio.count("REGISTER-SEEN")
+            await registration.stop()
+            assert registration.state == "unregistered"
+            assert kamailio.count("REGISTER-SEEN") == seen + 1 and "REGISTER-SEEN expires=0" in kamailio.log
+    finally:
+        engine.close()
+    finals = collector.of(TranscriptionFrame)
+    assert finals and normalise(finals[0].text) == normalise(row["text"])
+    assert finals[0].language == Language.EN_US
+    assert calls[0].called_uri.startswith("sip:bot@")
+    # 423 then 401 on the first attempt, refreshes re-used the nonce (nc counts up) with no new challenge
+    assert "expires=2" in kamailio.log and registration.requests <= kamailio.count("REGISTER-SEEN")
+
+
+async def test_registrar_that_does_not_answer_is_retried_with_backoff():
+    silent = free_port()
+    async with sip_support.serving(port=free_port(), t1=0.02) as server:  # 64·T1 = 1.28 s per attempt
+        registration = SIPRegistration(uas=server, aor=f"sip:bot@{HOST}", registrar=f"{HOST}:{silent}",
+                                       credentials=Credentials("bot", "x"), retry_min_secs=0.5, retry_max_secs=1.0)
+        registration.start()
+        await sip_support.until(lambda: registration.state == "failed", timeout=3)
+        assert "no response" in registration.last_error
+        await asyncio.sleep(4.5)
+        attempts = registration.requests
+        await registration.stop()
+    assert 2 <= attempts <= 4, attempts  # 1.3 s per attempt + 0.4-1 s back-off: not a storm
