@@ -236,6 +236,13 @@ def serve_sip(
     tcp_max_connections: int = typer.Option(256, min=1, help="open SIP TCP connections in all"),
     tcp_max_per_source: int = typer.Option(16, min=1, help="open SIP TCP connections per IP"),
     tcp_idle_secs: float = typer.Option(120.0, min=0.1, help="close an idle SIP TCP connection after this long"),
+    tls_cert: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                            help="PEM certificate chain: also accept SIP over TLS on --tls-port"),
+    tls_key: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                           help="PEM private key of --tls-cert (when not in that file)"),
+    tls_port: int = typer.Option(5061, min=0, max=65535, help="SIP over TLS port (with --tls-cert)"),
+    srtp: Optional[str] = typer.Option(None, show_default="required over TLS, optional over UDP/TCP",
+                                       help="SDES-SRTP policy: required, optional or off (checked by serve-sip)"),
     greeting: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                             help="a short audio file played when a call starts"),
     output: str = typer.Option("-", help="JSON-lines file to append final transcripts to ('-': stdout)"),
@@ -261,7 +268,8 @@ def serve_sip(
             "--output", output, "--drain-timeout", str(drain_timeout), "--metrics-host", metrics_host,
             "--precision", precision]
     for name, value in (("--advertise", advertise), ("--threads", threads), ("--max-calls", max_calls),
-                        ("--greeting", greeting), ("--metrics-port", metrics_port)):
+                        ("--greeting", greeting), ("--metrics-port", metrics_port), ("--tls-cert", tls_cert),
+                        ("--tls-key", tls_key), ("--tls-port", tls_port), ("--srtp", srtp)):
         if value is not None:
             argv += [name, str(value)]
     for network in allow:

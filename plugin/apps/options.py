@@ -116,6 +116,21 @@ def check_language(language: str, model: str) -> str:
     return locale
 
 
+def check_tls(cert: str | None, key: str | None, port: int) -> None:
+    """--tls-cert/--tls-key/--tls-port: the certificate and key load (so a typo fails now, not at the first call)."""
+    if key and not cert:
+        raise OptionError("--tls-key needs --tls-cert")
+    if not 0 <= port <= 65535:
+        raise OptionError(f"--tls-port must be a port number (0-65535), not {port}")
+    if cert:
+        from ..transports.sip.tls import TLSConfigError, server_context
+
+        try:
+            server_context(cert=cert, key=key)
+        except TLSConfigError as error:
+            raise OptionError(f"--tls-cert/--tls-key: {error}") from None
+
+
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -123,5 +138,5 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-__all__ = ["CHUNK_SIZES_MS", "OptionError", "check_chunk_ms", "check_device", "check_language", "is_loopback",
-           "model_languages", "model_path", "normalize_locale"]
+__all__ = ["CHUNK_SIZES_MS", "OptionError", "check_chunk_ms", "check_device", "check_language", "check_tls",
+           "is_loopback", "model_languages", "model_path", "normalize_locale"]

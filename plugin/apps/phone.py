@@ -136,8 +136,9 @@ async def run_call(call: SIPCall, *, stt: FrameProcessor, out: IO[str], greeting
     transport = SIPCallTransport(call=call)
     vad = VADProcessor(vad_analyzer=_vad_analyzer(vad_stop_secs), audio_idle_timeout=0)
     writer = TranscriptWriter(call=call, out=out, on_final=on_final)
+    rate = transport.sample_rate  # the codec's: 8 kHz G.711, 16 kHz G.722, 48 kHz Opus (the STT resamples to 16 kHz)
     worker = PipelineWorker(Pipeline([transport.input(), vad, stt, writer, transport.output()]),
-                            params=PipelineParams(audio_in_sample_rate=8000, audio_out_sample_rate=8000),
+                            params=PipelineParams(audio_in_sample_rate=rate, audio_out_sample_rate=rate),
                             idle_timeout_secs=None, enable_rtvi=False)
 
     @transport.event_handler("on_call_started")
@@ -244,13 +245,16 @@ async def _serve(args: argparse.Namespace, *, stt_factory, out: IO[str] | None, 
                        admission=admission, retry_after_secs=args.retry_after,
                        udp_rate_per_source=args.sip_rate, udp_burst_per_source=max(1, int(2 * args.sip_rate)),
                        tcp_max_connections=args.tcp_max_connections, tcp_max_per_source=args.tcp_max_per_source,
-                       tcp_idle_secs=args.tcp_idle_secs)
+                       tcp_idle_secs=args.tcp_idle_secs, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                       tls_port=args.tls_port, srtp=args.srtp)
     server = node.server = SIPServer(on_call=on_call, config=config)
     server.uas.on_rejected = on_rejected
     try:
         host, port = await server.start()
         metrics.status.listening = True
-        logger.info(f"phone transcriber on sip:transcriber@{host}:{port} (max {args.max_calls} calls)")
+        tls = server.uas.wire.tls_address
+        secure = f", sips:transcriber@{host}:{tls[1]} (SRTP {config.srtp or 'required'})" if tls else ""
+        logger.info(f"phone transcriber on sip:transcriber@{host}:{port}{secure} (max {args.max_calls} calls)")
         if ready is not None:
             ready.set()
         await drain.requested()
@@ -313,6 +317,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tcp-max-connections", type=int, default=256, help="open SIP TCP connections in all")
     parser.add_argument("--tcp-max-per-source", type=int, default=16, help="open SIP TCP connections per IP")
     parser.add_argument("--tcp-idle-secs", type=float, default=120.0, help="close an idle SIP TCP connection")
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate chain: also accept SIP over TLS")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (if not in that file)")
+    parser.add_argument("--tls-port", type=int, default=5061, help="SIP over TLS port (with --tls-cert)")
+    parser.add_argument("--srtp", choices=["required", "optional", "off"], default=None,
+                        help="SDES-SRTP policy (default: required over TLS, optional over UDP/TCP)")
     parser.add_argument("--greeting", default=None, help="a short WAV played when a call starts")
     parser.add_argument("--output", default="-", help="JSON-lines file to append to ('-': stdout)")
     parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
@@ -340,6 +349,7 @@ def check_args(args: argparse.Namespace) -> None:
     options.check_device(args.device)
     args.language = options.check_language(args.language or "auto", args.model)
     allowed_peers_for(args.allow)
+    options.check_tls(args.tls_cert, args.tls_key, args.tls_port)
     if args.drain_timeout < 0:
         raise ValueError("--drain-timeout must be 0 or more seconds")
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
