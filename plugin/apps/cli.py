@@ -249,6 +249,13 @@ def serve_sip(
     drain_timeout: float = typer.Option(60.0, min=0, help=DRAIN_HELP),
     metrics_port: Optional[int] = typer.Option(None, min=0, max=65535, show_default="off", help=METRICS_PORT_HELP),
     metrics_host: str = typer.Option("127.0.0.1", help=METRICS_HOST_HELP),
+    register: Optional[str] = typer.Option(None, help="register as this address-of-record (sip:user@registrar) "
+                                           "and keep it registered; calls to it arrive here"),
+    registrar: Optional[str] = typer.Option(None, show_default="the AOR's host", help="registrar host[:port]"),
+    username: Optional[str] = typer.Option(None, show_default="$SIP_USERNAME, else the AOR's user",
+                                           help="digest user name for --register"),
+    password_env: str = typer.Option("SIP_PASSWORD", help="environment variable holding the digest password"),
+    register_expires: int = typer.Option(300, min=1, help="registration lifetime asked for (refreshed at half)"),
 ):
     """Answer SIP calls directly (UDP/TCP) and write one JSON line per final transcript."""
     from .console import quiet_third_party
@@ -274,9 +281,52 @@ def serve_sip(
             argv += [name, str(value)]
     for network in allow:
         argv += ["--allow", network]
+    if register is not None:
+        argv += ["--register", register, "--password-env", password_env, "--register-expires", str(register_expires)]
+        for name, value in (("--registrar", registrar), ("--username", username)):
+            if value is not None:
+                argv += [name, value]
     from .phone import main as phone_main
 
     phone_main(argv)
+
+
+@app.command("call")
+def call(
+    uri: str = typer.Argument(..., help="who to call: sip:user@host[:port]"),
+    model: str = typer.Option("demo", help=MODEL_HELP),
+    chunk_ms: int = typer.Option(160, help=CHUNK_HELP, callback=_chunk_ms),
+    language: str = typer.Option("auto", help=LANGUAGE_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP, callback=_device),
+    greeting: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                            help="a short audio file played when the callee answers"),
+    proxy: Optional[str] = typer.Option(None, show_default="the URI's host", help="outbound proxy host[:port]"),
+    from_uri: Optional[str] = typer.Option(None, "--from", help="our identity, e.g. sip:bot@pbx.example.com"),
+    username: Optional[str] = typer.Option(None, show_default="$SIP_USERNAME", help="digest user name"),
+    password_env: str = typer.Option("SIP_PASSWORD", help="environment variable holding the digest password"),
+    host: str = typer.Option("0.0.0.0", help="address of our SIP and RTP sockets"),
+    port: int = typer.Option(0, min=0, max=65535, help="our SIP port (0: a free one)"),
+    advertise: Optional[str] = typer.Option(None, show_default="the address that routes to the callee",
+                                            help="address for Contact/SDP"),
+    ring_timeout: float = typer.Option(60.0, min=0.1, help="CANCEL after ringing this long (seconds)"),
+    max_call_secs: float = typer.Option(3600, min=0, help="hang up after this long (0: never)"),
+    output: str = typer.Option("-", help="JSON-lines file to append final transcripts to ('-': stdout)"),
+):
+    """Call a SIP URI, transcribe what the callee says; exit 0 answered, 3 busy, 4 no answer, 5 rejected, 6 failed."""
+    from .console import quiet_third_party
+
+    quiet_third_party()
+    locale = _language_for(language, model)
+    argv = [uri, "--model", model, "--chunk-ms", str(chunk_ms), "--language", locale, "--device", device,
+            "--password-env", password_env, "--host", host, "--port", str(port), "--ring-timeout", str(ring_timeout),
+            "--max-call-secs", str(max_call_secs), "--output", output]
+    for name, value in (("--greeting", greeting), ("--proxy", proxy), ("--from", from_uri), ("--username", username),
+                        ("--advertise", advertise)):
+        if value is not None:
+            argv += [name, str(value)]
+    from .dial import main as dial_main
+
+    raise typer.Exit(dial_main(argv))
 
 
 @app.command("serve-riva")

@@ -43,6 +43,7 @@ from pipecat.workers.runner import WorkerRunner
 from ..transports.sip import SIPCall, SIPCallTransport, SIPConfig, SIPServer
 from ..transports.sip.config import PRIVATE_NETWORKS, allowed_peers_for
 from ..transports.sip.uas import SIPUserAgentServer
+from . import register
 from .drain import DEFAULT_DRAIN_TIMEOUT_S, Drain, DrainingAdmission
 from .metrics import REFUSAL_REASONS, AdminServer, ServerMetrics
 
@@ -234,7 +235,7 @@ async def _serve(args: argparse.Namespace, *, stt_factory, out: IO[str] | None, 
     def on_rejected(_invite, _source, reason: str) -> None:
         calls.refused(reason if reason in REFUSAL_REASONS else "capacity")
 
-    allowed = allowed_peers_for(args.allow)
+    allowed = await register.admit_registrar(args, allowed_peers_for(args.allow))
     if allowed == PRIVATE_NETWORKS:
         logger.info("no --allow: answering loopback and private networks only (10/8, 172.16/12, 192.168/16, "
                     "fc00::/7, link-local); others get 403. Pass --allow NETWORK (or --allow any)")
@@ -249,8 +250,10 @@ async def _serve(args: argparse.Namespace, *, stt_factory, out: IO[str] | None, 
                        tls_port=args.tls_port, srtp=args.srtp)
     server = node.server = SIPServer(on_call=on_call, config=config)
     server.uas.on_rejected = on_rejected
+    registration = None
     try:
         host, port = await server.start()
+        registration = register.start(args, server.uas)
         metrics.status.listening = True
         tls = server.uas.wire.tls_address
         secure = f", sips:transcriber@{host}:{tls[1]} (SRTP {config.srtp or 'required'})" if tls else ""
@@ -261,6 +264,8 @@ async def _serve(args: argparse.Namespace, *, stt_factory, out: IO[str] | None, 
         await drain_calls(server.uas, drain)
     finally:
         metrics.status.listening = False
+        if registration is not None:
+            await registration.stop()  # unregister (Expires: 0) while the socket is still open
         await server.stop()
 
 
@@ -330,6 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serve Prometheus /metrics, /healthz and POST /drain on this HTTP port (default: off)")
     parser.add_argument("--metrics-host", default="127.0.0.1",
                         help="address of the metrics port (POST /drain has no authentication)")
+    register.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -349,6 +355,7 @@ def check_args(args: argparse.Namespace) -> None:
     options.check_device(args.device)
     args.language = options.check_language(args.language or "auto", args.model)
     allowed_peers_for(args.allow)
+    register.check(args)
     options.check_tls(args.tls_cert, args.tls_key, args.tls_port)
     if args.drain_timeout < 0:
         raise ValueError("--drain-timeout must be 0 or more seconds")
