@@ -17,7 +17,7 @@ import os
 from loguru import logger
 
 from ..transports.sip.digest import Credentials
-from ..transports.sip.outgoing import resolve, sip_uri, uri_user
+from ..transports.sip.outgoing import SIPTargetError, resolve, sip_uri, uri_user
 from ..transports.sip.registration import SIPRegistration
 from ..transports.sip.uas import SIPUserAgentServer
 
@@ -45,7 +45,11 @@ async def admit_registrar(args: argparse.Namespace, allowed: tuple[str, ...]) ->
     """``allowed`` plus the registrar's address (the INVITEs for the registered user come from it)."""
     if getattr(args, "register", None) is None or not allowed:
         return allowed
-    host, _ = await resolve(args.registrar or args.register)
+    try:
+        host, _ = await resolve(args.registrar or args.register)
+    except SIPTargetError as error:  # registering retries later; its calls get 403 until --allow names it
+        logger.warning(f"--register: {error}; pass --allow with the registrar's address for its calls")
+        return allowed
     address = ipaddress.ip_address(host)
     if any(address in ipaddress.ip_network(network, strict=False) for network in allowed):
         return allowed
