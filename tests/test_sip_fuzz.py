@@ -85,3 +85,19 @@ async def test_hostile_registrar_challenges_give_clear_errors_and_no_register_st
     report = await fuzz_challenges(120, seed=1)
     assert report.inputs == 120 and not report.failures and not report.tracebacks, report.summary()
     assert report.outcomes.get("auth_failed", 0) > 30 and report.outcomes.get("failed", 0) > 30, report.outcomes
+
+
+async def test_tls_and_srtp_slice_garbage_handshakes_crypto_junk_and_srtp_junk():
+    """tools/sip_fuzz_tls.py (`--tls N`): garbage instead of TLS handshakes closed and counted one for one, fuzzed
+    a=crypto offers over TLS all answered (488/400/200), SRTP junk dropped at answered calls, nothing logged as an
+    error, the server still answering OPTIONS over TLS with no connection or call left."""
+    from tools.sip_fuzz_tls import crypto_junk, fuzz_tls
+
+    report = await fuzz_tls(300, 1)
+    assert not report.failures, report.summary() + "\n" + "\n".join(report.failures[:10])
+    assert report.garbage_connections >= 100 and report.tls_failures == report.garbage_connections
+    assert {200, 488} <= set(report.crypto_answered) and report.srtp_played and report.srtp_dropped
+    assert parse_args(["--tls", "5"]).tls == 5
+    import random
+    lines = [line for seed in range(200) for line in crypto_junk(random.Random(seed))]
+    assert any("2^99" in line for line in lines) and any("UNENCRYPTED_SRTP" in line for line in lines)

@@ -2109,6 +2109,8 @@ class Report:
     recheck: list = field(default_factory=list)
     challenges: str = ""  # --challenges: hostile registrars answering our REGISTER (tools/sip_fuzz_challenges.py)
     challenge_failures: list = field(default_factory=list)
+    tls: str = ""  # --tls: garbage TLS handshakes, a=crypto offers and SRTP junk (tools/sip_fuzz_tls.py)
+    tls_failures: list = field(default_factory=list)
 
     rss_margin: int = 64 * 2**20
     fd_margin: int = 8
@@ -2139,6 +2141,7 @@ class Report:
         if self.normal_call and not (self.normal_call.get("answered") and self.transcript):
             out.append(f"normal call not completed/transcribed: {self.normal_call} {self.transcript}")
         out += [f"registration challenge: {failure}" for failure in self.challenge_failures[:8]]
+        out += [f"TLS/SRTP: {failure}" for failure in self.tls_failures[:8]]
         return out
 
     def summary(self) -> str:
@@ -2171,6 +2174,8 @@ class Report:
                          f"the server: the kernel dropped {self.udp_drops} datagrams for full receive buffers)")
         if self.challenges:
             lines.append(f"  {self.challenges}")
+        if self.tls:
+            lines.append(f"  {self.tls}")
         failures = self.failures()
         lines.append("  ORACLE: " + ("PASS" if not failures else "FAIL: " + "; ".join(failures)))
         return "\n".join(lines)
@@ -2615,6 +2620,11 @@ async def run(args) -> Report:
 
         challenge_report = await fuzz_challenges(args.challenges, args.seed)
         report.challenges, report.challenge_failures = challenge_report.summary(), challenge_report.failures
+    if getattr(args, "tls", 0):  # SIP over TLS and SDES-SRTP: handshake garbage, a=crypto junk, SRTP junk
+        from .sip_fuzz_tls import fuzz_tls
+
+        tls_report = await fuzz_tls(args.tls, args.seed)
+        report.tls, report.tls_failures = tls_report.summary(), tls_report.failures
     report.new_findings = findings.write()
     if getattr(args, "recheck", False) and findings.path is not None and findings.path.exists():
         seen = {sig: f.count for sig, f in findings.by_signature.items()}
@@ -2764,6 +2774,9 @@ def parse_args(argv=None):
                         help="replay the findings file's reproducing inputs against this tree, note fixed/still")
     parser.add_argument("--dump", type=int, default=0, help="print the first N generated inputs (no server) and exit")
     parser.add_argument("--json", default=None, help="write the report as JSON here")
+    parser.add_argument("--tls", type=int, default=0,
+                        help="also send N TLS/SRTP inputs to a TLS listener of our own (garbage instead of handshakes, "
+                             "fuzzed a=crypto offers over TLS, SRTP junk at answered calls; tools/sip_fuzz_tls.py)")
     parser.add_argument("--challenges", type=int, default=0,
                         help="also answer N of our REGISTERs as hostile registrars (garbage challenges, huge nonces, "
                              "unknown algorithms, missing realm): clear errors, no REGISTER storm, no traceback")
