@@ -1,7 +1,8 @@
 """Direct SIP/RTP calls for Pipecat: an asyncio UDP user-agent server and a per-call transport.
 
-``message`` parses and writes SIP, ``sdp`` does the offer/answer, ``rtp`` carries G.711 and RFC 4733 DTMF,
-``wire`` frames UDP/TCP under limits, ``transaction`` and ``dialog`` are the RFC 3261 layers, ``uas`` answers
+``message`` parses and writes SIP, ``sdp`` does the offer/answer, ``rtp`` carries G.711, G.722 or Opus
+(``transports/codecs.py``) and RFC 4733 DTMF, ``srtp`` SDES-SRTP, ``wire`` frames UDP/TCP/TLS under limits (``tls``
+makes the contexts), ``transaction`` and ``dialog`` are the RFC 3261 layers, ``uas`` answers
 calls under a policy (call limit, admission, allowed peers, maximum length), and ``transport`` turns a call
 into Pipecat ``input()``/``output()`` processors. Nothing here imports the engine or the STT service:
 ``admission`` is the protocol the engine satisfies.
