@@ -4,7 +4,8 @@
 (``transports/codecs.py``) and RFC 4733 DTMF, ``srtp`` SDES-SRTP, ``wire`` frames UDP/TCP/TLS under limits (``tls``
 makes the contexts), ``transaction`` and ``dialog`` are the RFC 3261 layers, ``uas`` answers
 calls under a policy (call limit, admission, allowed peers, maximum length), and ``transport`` turns a call
-into Pipecat ``input()``/``output()`` processors. Nothing here imports the engine or the STT service:
+into Pipecat ``input()``/``output()`` processors. The client side: ``digest`` answers 401/407 challenges,
+``registration`` keeps a contact registered with a PBX, ``uac`` places outbound calls. Nothing here imports the engine or the STT service:
 ``admission`` is the protocol the engine satisfies.
 """
 
@@ -16,9 +17,13 @@ from .rtp import DTMFDecoder, ReorderBuffer, RtpSession
 from .sdp import Negotiated, SDPBuilder, SDPError, parse_sdp
 from .transport import SIPCallTransport, SIPInputTransport, SIPOutputTransport, SIPServer
 from .uas import SIPUserAgentServer
+from .digest import Credentials, SIPAuthError
+from .registration import SIPRegistration
+from .uac import CallResult, SIPUserAgentClient
 
 __all__ = [
-    "CallAdmission", "DTMFDecoder", "Reservation", "Negotiated", "ReorderBuffer", "RtpSession", "SDPBuilder", "SDPError", "SIPCall",
+    "CallAdmission", "CallResult", "Credentials", "DTMFDecoder", "Reservation", "Negotiated", "ReorderBuffer", "RtpSession", "SDPBuilder", "SDPError", "SIPCall",
     "SIPCallTransport", "SIPConfig", "SIPInputTransport", "SIPOutputTransport", "SIPParseError", "SIPRequest",
-    "SIPResponse", "SIPServer", "SIPUserAgentServer", "parse_message", "parse_sdp",
+    "SIPAuthError", "SIPRegistration", "SIPResponse", "SIPServer", "SIPUserAgentClient", "SIPUserAgentServer",
+    "parse_message", "parse_sdp",
 ]
