@@ -118,3 +118,37 @@ async def test_registrar_that_does_not_answer_is_retried_with_backoff():
         attempts = registration.requests
         await registration.stop()
     assert 2 <= attempts <= 4, attempts  # 1.3 s per attempt + 0.4-1 s back-off: not a storm
+
+
+async def test_serve_sip_register_admits_the_registrar_and_unregisters_when_drained(tmp_path, monkeypatch):
+    """serve-sip --register (apps/register.py through phone.serve): the password from $SIP_PASSWORD, the registrar
+    added to an --allow list that did not cover it, registered with Kamailio, unregistered when the server drains."""
+    import io
+
+    from loguru import logger
+
+    from pipecat_nemotron.apps import phone
+    from pipecat_nemotron.apps.drain import Drain
+
+    kamailio, port = registrar(tmp_path)
+    monkeypatch.setenv("SIP_PASSWORD", "s3cret")
+    args = phone.parse_args(["--host", HOST, "--port", str(free_port()), "--model", "demo", "--max-calls", "2",
+                             "--allow", "10.0.0.0/8", "--register", f"sip:bot@{HOST}:{port}"])
+    phone.check_args(args)
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="INFO")
+    drain, ready = Drain(timeout_s=1), asyncio.Event()
+    try:
+        async with kamailio:
+            serving = asyncio.ensure_future(phone.serve(args, stt_factory=lambda call: None, out=io.StringIO(),
+                                                        ready=ready, drain=drain))
+            await asyncio.wait_for(ready.wait(), 10)
+            await sip_support.until(lambda: any("registered sip:bot@" in line for line in lines), timeout=5)
+            drain.request("test over")
+            await asyncio.wait_for(serving, 10)
+            assert "REGISTER-SEEN expires=0" in kamailio.log
+    finally:
+        logger.remove(sink)
+    assert any(f"allowing calls from the registrar {HOST}" in line for line in lines)
+    assert any("unregistered" in line for line in lines)
+    assert not any("s3cret" in line for line in lines)
