@@ -5,7 +5,8 @@
 makes the contexts), ``transaction`` and ``dialog`` are the RFC 3261 layers, ``uas`` answers
 calls under a policy (call limit, admission, allowed peers, maximum length), and ``transport`` turns a call
 into Pipecat ``input()``/``output()`` processors. The client side: ``digest`` answers 401/407 challenges,
-``registration`` keeps a contact registered with a PBX, ``uac`` places outbound calls. Nothing here imports the engine or the STT service:
+``registration`` keeps a contact registered with a PBX, ``uac`` places outbound calls. Nothing here imports the
+engine or the STT service:
 ``admission`` is the protocol the engine satisfies.
 """
 

@@ -321,4 +321,5 @@ def build_in_dialog(call: SIPCall, method: str, cseq: int, *, via_host: str, via
     return request, destination
 
 
-__all__ = ["Dialogs", "SIPCall", "build_ack", "build_bye", "build_in_dialog", "new_branch", "new_tag", "retransmit_until_ack"]
+__all__ = ["Dialogs", "SIPCall", "build_ack", "build_bye", "build_in_dialog", "new_branch", "new_tag",
+           "retransmit_until_ack"]

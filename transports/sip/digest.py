@@ -6,7 +6,8 @@ MD5 and SHA-256 (and their ``-sess`` forms), ``qop=auth`` (``auth-int`` when it 
 fresh cnonce and a nonce count that goes up each time a nonce is reused; without qop the RFC 2069 form.
 The strongest algorithm offered is taken (SHA-256 before MD5). A new challenge after we answered a fresh one is
 a wrong user name or password (:class:`SIPAuthError`), unless it says ``stale=true`` (the nonce expired: answer
-the new one); after a reused nonce it is just a new nonce. Credentials never reach a log line: the password is left out of every ``repr``.
+the new one); after a reused nonce it is just a new nonce. Credentials never reach a log line: the password
+is left out of every ``repr``.
 """
 
 from __future__ import annotations

@@ -163,8 +163,8 @@ class SIPRegistration:
         self._call_id = self._call_id or new_call_id(host)  # one Call-ID for every REGISTER (§10.2.4)
         for _ in range(MAX_ROUNDS):
             self._cseq += 1
-            request = new_request("REGISTER", self.registrar, via=(host, self.uas.port), from_=f"<{self.aor}>;tag={self._from_tag}",
-                                  to=f"<{self.aor}>", call_id=self._call_id,
+            request = new_request("REGISTER", self.registrar, via=(host, self.uas.port),
+                                  from_=f"<{self.aor}>;tag={self._from_tag}", to=f"<{self.aor}>", call_id=self._call_id,
                                   cseq=self._cseq, contact=f"<{self.contact}>", user_agent=self.uas.config.user_agent)
             request.add("Expires", str(expires))
             for header, value in self._digest.headers("REGISTER", self.registrar):
