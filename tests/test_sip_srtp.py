@@ -295,3 +295,24 @@ def test_tls_contexts(certificates, tmp_path):
         server_context(cert=tmp_path / "junk.pem", key=key)
     with pytest.raises(TLSConfigError):
         client_context(ca=tmp_path / "missing.pem")
+
+
+def test_config_and_serve_sip_options(certificates, tmp_path):
+    from pipecat_nemotron.apps import options, phone
+    from pipecat_nemotron.transports.sip import SIPConfig
+
+    ca, cert, key = certificates
+    assert SIPConfig().srtp_policy(True) == "required" and SIPConfig().srtp_policy(False) == "optional"
+    assert SIPConfig(srtp="off").srtp_policy(True) == "off"
+    with pytest.raises(ValueError, match="srtp="):
+        SIPConfig(srtp="maybe")
+    with pytest.raises(ValueError, match="SPEEX"):
+        SIPConfig(codecs=("SPEEX",))
+    assert SIPConfig(codecs=("g722", "pcmu")).codecs == ("G722", "PCMU")
+    args = phone.parse_args(["--tls-cert", str(cert), "--tls-key", str(key), "--tls-port", "5071", "--srtp", "off"])
+    assert (args.tls_cert, args.tls_key, args.tls_port, args.srtp) == (str(cert), str(key), 5071, "off")
+    options.check_tls(str(cert), str(key), 5061)  # loads: no error
+    (tmp_path / "junk.pem").write_text("junk")
+    for cert_path, key_path, message in ((tmp_path / "junk.pem", key, "junk.pem"), (None, key, "needs --tls-cert")):
+        with pytest.raises(options.OptionError, match=message):
+            options.check_tls(cert_path and str(cert_path), str(key_path), 5061)
