@@ -102,6 +102,10 @@ async def measure(engine: Engine, streams: int, utterances: int, pace: str) -> d
             "p99_ms": float(np.percentile(values, 99)), "max_lag_s": engine.stats.max_lag_s}
 
 
+ENCODER_STEPS = {"nemo": {"encoder_step": "nemo"}, "fast": {"encoder_step": "fast"},
+                 "int8": {"encoder_step": "fast", "precision": "int8"}}
+
+
 def main() -> None:
     from loguru import logger
     import sys
@@ -117,6 +121,9 @@ def main() -> None:
     parser.add_argument("--pace", choices=["realtime", "drain"], default="realtime")
     parser.add_argument("--final-context-ms", default=None,
                         help="comma list of Engine(final_context_ms=) to compare side by side (default: the engine's)")
+    parser.add_argument("--encoder", default=None,
+                        help="comma list of encoder steps to compare side by side: nemo, fast, int8 (default: the "
+                             "engine's)")
     parser.add_argument("--name", default="ttfs")
     args = parser.parse_args()
     if args.geometry:
@@ -128,25 +135,29 @@ def main() -> None:
     facts = machine()
     rows = []
     contexts = [int(c) for c in args.final_context_ms.split(",")] if args.final_context_ms else [None]
-    for chunk_ms, streams, context in ((c, s, x) for c in map(int, args.chunks.split(","))
-                                       for s in map(int, args.streams.split(",")) for x in contexts):
+    steps = args.encoder.split(",") if args.encoder else [None]
+    for chunk_ms, streams, context, step in ((c, s, x, e) for c in map(int, args.chunks.split(","))
+                                             for s in map(int, args.streams.split(",")) for x in contexts
+                                             for e in steps):
         options = {} if context is None else {"final_context_ms": context}
+        options.update(ENCODER_STEPS.get(step, {}))
         engine = Engine(model=model, chunk_ms=chunk_ms, device="auto", max_streams=streams, **options)
         engine.wait_ready()
         engine.lag_warning_s = 1e9
         console.print(f"  {chunk_ms} ms, {streams} streams…")
         row = asyncio.run(measure(engine, streams, args.utterances, args.pace))
         row.update(chunk_ms=chunk_ms, streams=streams, final_context_ms=engine.final_context_ms,
+                   encoder=f"{engine.encoder_step}" + (" int8" if engine.precision == "int8" else ""),
                    mean_batch=engine.stats.streams_stepped / max(1, engine.stats.steps))
         rows.append(row)
         engine.close()
-    headers = ["chunk", "streams", "final context", "finals", "p50 ms", "p95 ms", "p99 ms", "mean batch", "max audio age s"]
+    headers = ["chunk", "streams", "final context", "encoder step", "finals", "p50 ms", "p95 ms", "p99 ms", "mean batch", "max audio age s"]
     table = Table(title=f"TTFS (VAD stop → final) — {label}, {facts['cpu']}, {facts['date']}")
     for header in headers:
         table.add_column(header, justify="right")
     lines = ["| " + " | ".join(headers) + " |", "|" + "---:|" * len(headers)]
     for row in rows:
-        cells = [f"{row['chunk_ms']} ms", str(row["streams"]), f"{row.get('final_context_ms', 0)} ms", str(row["n"]), f"{row['p50_ms']:.0f}",
+        cells = [f"{row['chunk_ms']} ms", str(row["streams"]), f"{row.get('final_context_ms', 0)} ms", row.get("encoder", "nemo"), str(row["n"]), f"{row['p50_ms']:.0f}",
                  f"{row['p95_ms']:.0f}", f"{row['p99_ms']:.0f}", f"{row['mean_batch']:.1f}", f"{row['max_lag_s']:.2f}"]
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")

@@ -111,11 +111,12 @@ def test_serve_sip_builds_phone_args(monkeypatch, tmp_path):
     write_wav(greeting, np.zeros(800, np.int16), 8000)
     result = CliRunner().invoke(app, ["serve-sip", "--model", "demo", "--port", "5070", "--allow", "10.0.0.0/8",
                                       "--allow", "192.0.2.7", "--max-calls", "3", "--language", "de",
-                                      "--greeting", str(greeting), "--chunk-ms", "320", "--threads", "2"])
+                                      "--greeting", str(greeting), "--chunk-ms", "320", "--threads", "2",
+                                      "--precision", "int8"])
     assert result.exit_code == 0, result.output
     args = seen[0]
-    assert (args.port, args.allow, args.max_calls, args.language, args.chunk_ms, args.threads) == \
-        (5070, ["10.0.0.0/8", "192.0.2.7"], 3, "de-DE", 320, 2)
+    assert (args.port, args.allow, args.max_calls, args.language, args.chunk_ms, args.threads, args.precision) == \
+        (5070, ["10.0.0.0/8", "192.0.2.7"], 3, "de-DE", 320, 2, "int8")
     assert args.greeting == str(greeting) and args.host == "0.0.0.0" and args.advertise is None
 
 
@@ -196,11 +197,13 @@ def test_serve_webrtc_hands_its_threads_to_the_engine(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(webrtc_server, "run_webrtc_server", lambda **kwargs: seen.update(kwargs))
-    result = CliRunner().invoke(app, ["serve-webrtc", "--model", "demo", "--threads", "1"])
+    result = CliRunner().invoke(app, ["serve-webrtc", "--model", "demo", "--threads", "1", "--precision", "int8"])
     assert result.exit_code == 0, result.output
-    assert seen["threads"] == 1 and seen["model"] == "demo"
-    server = webrtc_server.WebRTCServer(model="demo", threads=1)
-    assert server.threads == 1
+    assert seen["threads"] == 1 and seen["model"] == "demo" and seen["precision"] == "int8"
+    server = webrtc_server.WebRTCServer(model="demo", threads=1, precision="int8")
+    assert server.threads == 1 and server.precision == "int8"
+    result = CliRunner().invoke(app, ["serve-riva", "--model", "demo", "--precision", "fp16"])
+    assert result.exit_code == 2 and "--precision must be fp32 or int8" in flat(result.output)
 
 
 def test_transcribe_into_a_closed_pipe_ends_at_once(mulaw_call, tmp_path):

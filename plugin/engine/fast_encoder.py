@@ -28,7 +28,6 @@ import logging
 import warnings
 
 import torch
-from nemo.collections.asr.parts.submodules.multi_head_attention import INF_VAL
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +79,11 @@ class FastEncoderStep:
         reason = unsupported_reason(encoder)
         if reason is not None:
             raise ValueError(f"the fast encoder step does not support this model: {reason}")
+        from nemo.collections.asr.parts.submodules.multi_head_attention import INF_VAL
+
         self.encoder = encoder
         self.precision = precision
+        self._masked = INF_VAL  # NeMo's score for a masked position (imported here: the engine loads NeMo lazily)
         self.layers = [_FastLayer.of(layer) for layer in encoder.layers]
         if precision == "int8":
             self.layers = _quantized(self.layers)
@@ -118,7 +120,7 @@ class FastEncoderStep:
         for index, layer in enumerate(self.layers):
             x, key, value, time_cache = self._layer(
                 layer, x, caches["key"][index], caches["value"][index], caches["time"][index],
-                att_mask, pad_mask, positions[index])
+                att_mask, pad_mask, positions[index], self._masked)
             keys.append(key)
             values.append(value)
             times.append(time_cache)
@@ -143,14 +145,15 @@ class FastEncoderStep:
         return self._positions[key]
 
     @staticmethod
-    def _layer(fast, x, key_cache, value_cache, time_cache, att_mask, pad_mask, positions):
+    def _layer(fast, x, key_cache, value_cache, time_cache, att_mask, pad_mask, positions, masked):
         """`ConformerLayer.forward` in eval mode (dropout is the identity), attention on cached K/V."""
         layer = fast.layer
         residual = x
         x = layer.feed_forward1(layer.norm_feed_forward1(x))
         residual = residual + x * layer.fc_factor
         x = layer.norm_self_att(residual)
-        x, key_cache, value_cache = _attention(layer.self_attn, x, key_cache, value_cache, att_mask, positions)
+        x, key_cache, value_cache = _attention(layer.self_attn, x, key_cache, value_cache, att_mask, positions,
+                                               masked)
         residual = residual + x
         x = layer.norm_conv(residual)
         x, time_cache = _convolution(fast, x, pad_mask, time_cache)
@@ -160,7 +163,7 @@ class FastEncoderStep:
         return layer.norm_out(residual), key_cache, value_cache, time_cache
 
 
-def _attention(attn, x, key_cache, value_cache, mask, positions):
+def _attention(attn, x, key_cache, value_cache, mask, positions, masked: float):
     """`RelPositionMultiHeadAttention.forward` on cached projected K/V; returns (out, next K, next V).
 
     The caches are head-major, (B, heads, cache, d_k), so each product reads them in place; the scores and the
@@ -178,7 +181,7 @@ def _attention(attn, x, key_cache, value_cache, mask, positions):
     matrix_bd = attn.rel_shift(torch.matmul(q_v, positions.transpose(-2, -1)))
     scores = (matrix_ac + matrix_bd[:, :, :, :matrix_ac.size(-1)]) / attn.s_d_k
     mask = mask.unsqueeze(1)  # as MultiHeadAttention.forward_attention
-    weights = torch.softmax(scores.masked_fill(mask, -INF_VAL), dim=-1).masked_fill(mask, 0.0)
+    weights = torch.softmax(scores.masked_fill(mask, -masked), dim=-1).masked_fill(mask, 0.0)
     cached = key_cache.size(2)
     out = torch.matmul(weights[..., :cached], value_cache) + torch.matmul(weights[..., cached:], new_value)
     out = attn.linear_out(out.transpose(1, 2).reshape(batch, frames, heads * d_k))
