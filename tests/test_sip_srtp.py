@@ -316,3 +316,21 @@ def test_config_and_serve_sip_options(certificates, tmp_path):
     for cert_path, key_path, message in ((tmp_path / "junk.pem", key, "junk.pem"), (None, key, "needs --tls-cert")):
         with pytest.raises(options.OptionError, match=message):
             options.check_tls(cert_path and str(cert_path), str(key_path), 5061)
+
+
+async def test_tls_connections_count_against_the_tcp_caps_before_the_handshake(certificates):
+    ca, cert, key = certificates
+    async with serving(tls_cert=str(cert), tls_key=str(key), tls_port=0, tcp_max_per_source=2) as server:
+        tls_port = server.wire.tls_address[1]
+        held = [await asyncio.open_connection(HOST, tls_port) for _ in range(2)]  # no handshake yet: still counted
+        await until(lambda: server.wire.connections == 2)
+        reader, writer = await asyncio.open_connection(HOST, tls_port)
+        assert await asyncio.wait_for(reader.read(), 3) == b"" and server.wire.tls_failures == 0  # refused at once
+        writer.close()
+        for _, w in held:
+            w.close()
+        await until(lambda: server.wire.connections == 0)
+        reader, writer = await asyncio.open_connection(HOST, tls_port, ssl=client_context(ca=ca), server_hostname=HOST)
+        writer.write(tls_request("OPTIONS", tls_port=tls_port, local_port=writer.get_extra_info("sockname")[1]))
+        assert (await read_message(reader)).status == 200
+        writer.close()
