@@ -127,6 +127,7 @@ class SIPRegistration:
             try:
                 granted = await self._register(self.expires)
             except SIPAuthError as exc:
+                self._digest.forget()  # the next try starts from a fresh challenge (2 REGISTERs, not 3)
                 self._failed("auth_failed", str(exc))
                 logger.error(f"SIP registration {self.aor} at {self.registrar}: {exc}; "
                              f"trying again in {self.auth_retry_secs:g} s")
