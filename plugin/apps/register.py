@@ -46,7 +46,7 @@ async def admit_registrar(args: argparse.Namespace, allowed: tuple[str, ...]) ->
     if getattr(args, "register", None) is None or not allowed:
         return allowed
     try:
-        host, _ = await resolve(args.registrar or args.register)
+        host, _ = await resolve(args.registrar or os.environ.get("SIP_REGISTRAR") or args.register)
     except SIPTargetError as error:  # registering retries later; its calls get 403 until --allow names it
         logger.warning(f"--register: {error}; pass --allow with the registrar's address for its calls")
         return allowed

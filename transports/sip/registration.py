@@ -64,7 +64,8 @@ class SIPRegistration:
     Parameters:
         uas: The started server whose socket is registered (and answers the calls that come).
         aor: Address-of-record, ``sip:user@domain``.
-        registrar: ``host[:port]`` or ``sip:`` URI to send REGISTER to; by default the AOR's domain.
+        registrar: ``host[:port]`` or ``sip:`` URI to send REGISTER to; by default ``$SIP_REGISTRAR``, else the
+            AOR's domain.
         credentials: For the digest challenge; by default ``SIP_USERNAME``/``SIP_PASSWORD`` (user: the AOR's).
         expires: Lifetime asked for, in seconds.
         retry_min_secs, retry_max_secs: Back-off after a failure: doubling from the first, capped at the second.
@@ -79,6 +80,7 @@ class SIPRegistration:
         self.user = uri_user(self.aor)
         if not self.user:
             raise SIPTargetError(f"{aor!r}: the address-of-record needs a user (sip:user@domain)")
+        registrar = registrar or os.environ.get("SIP_REGISTRAR")
         self.registrar = sip_uri(registrar) if registrar else "sip:" + self.aor.split("@", 1)[1]
         self.credentials = credentials or Credentials.from_env(username=os.environ.get("SIP_USERNAME") or self.user)
         self.expires = expires
