@@ -170,3 +170,46 @@ async def test_g722_call_reaches_the_pipeline_at_16_khz():
     assert rates == [16000] and {f.sample_rate for f in frames} == {16000}
     audio = np.frombuffer(b"".join(f.audio for f in frames), dtype="<i2")
     assert len(audio) >= 0.5 * 16000 and abs(peak_hz(audio[1600:], 16000) - 6000) < 20
+
+
+def test_telephone_event_at_the_codec_clock():
+    """RFC 4733 events count the audio's RTP clock: an Opus call takes telephone-event/48000 when offered."""
+    opus = offer("96 101 102", ["96 opus/48000/2", "101 telephone-event/8000", "102 telephone-event/48000"])
+    answer, negotiated = SDPBuilder(address=HOST).answer(parse_sdp(opus), port=4000)
+    assert (negotiated.dtmf_payload_type, negotiated.dtmf_clock_rate) == (102, 48000)
+    assert "a=rtpmap:102 telephone-event/48000" in answer and "m=audio 4000 RTP/AVP 96 102" in answer
+    only_8k = offer("96 101", ["96 opus/48000/2", "101 telephone-event/8000"])
+    assert SDPBuilder(address=HOST).answer(parse_sdp(only_8k), port=4000)[1].dtmf_clock_rate == 8000
+    g722 = offer("9 101 102", ["101 telephone-event/16000", "102 telephone-event/8000"])
+    assert SDPBuilder(address=HOST).answer(parse_sdp(g722), port=4000)[1].dtmf_payload_type == 102  # G.722: 8000
+
+
+async def test_dtmf_durations_count_the_event_clock():
+    import socket
+
+    from pipecat_nemotron.transports.sip.rtp import DTMFDecoder
+
+    session = RtpSession()
+    _, port = await session.open(host=HOST)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind((HOST, 0))
+    peer.setblocking(False)
+    try:
+        opus = offer("96 102", ["96 opus/48000/2", "102 telephone-event/48000"]).replace("5004",
+                                                                                         str(peer.getsockname()[1]))
+        session.configure(SDPBuilder(address=HOST).answer(parse_sdp(opus), port=4000)[1])
+        packet = RtpPacket(payload_type=96, sequence_number=1, timestamp=0, ssrc=5,
+                           payload=MediaCodec("OPUS").encode(bytes(1920)))
+        await asyncio.get_running_loop().sock_sendto(peer, packet.serialize(), (HOST, port))
+        await until(lambda: session.latched is not None)
+        assert session.send_dtmf("7", duration_ms=60)
+        for _ in range(6):
+            session.send_packet()
+        events = [RtpPacket.parse(peer.recv(2048)) for _ in range(6)]
+        durations = [int.from_bytes(p.payload[2:4], "big") for p in events]
+        assert all(p.payload_type == 102 for p in events) and durations == [960, 1920, 2880, 2880, 2880, 2880]
+        decoder = DTMFDecoder()
+        assert [d for p in events for d in decoder.feed(p.payload, p.timestamp)] == ["7"]
+    finally:
+        session.close()
+        peer.close()

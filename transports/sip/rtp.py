@@ -32,7 +32,6 @@ PTIME_MS = 20
 PTIME_S = PTIME_MS / 1000
 SAMPLES_PER_PACKET = 160  # G.711 at 20 ms; other codecs: codec.spec.samples(PTIME_MS)
 BYTES_PER_PACKET = SAMPLES_PER_PACKET * 2  # PCM16
-DTMF_CLOCK = 8000  # telephone-event/8000: event durations count 8 kHz ticks whatever the audio codec
 MAX_CONCEALED_PACKETS = 5
 DTMF_EVENTS = "0123456789*#ABCD"
 RTCP_PAYLOAD_TYPES = range(72, 77)  # RTCP packet types 200-204 with the marker bit masked off
@@ -347,7 +346,7 @@ class RtpSession(asyncio.DatagramProtocol):
             event.timestamp = self._timestamp
         event.sent += 1
         end = event.sent > event.packets  # then three end packets with the final duration (RFC 4733 §2.5.1.4)
-        duration = min(event.sent, event.packets) * (DTMF_CLOCK * PTIME_MS // 1000)
+        duration = min(event.sent, event.packets) * (self.negotiated.dtmf_clock_rate * PTIME_MS // 1000)
         payload = struct.pack("!BBH", event.code, (0x80 if end else 0) | 10, duration)
         if event.sent >= event.packets + 3:
             self._dtmf_queue.popleft()

@@ -89,6 +89,7 @@ class Negotiated:
     remote_host: str
     remote_port: int
     direction: str  # our direction: sendrecv, sendonly (caller holds), recvonly, inactive
+    dtmf_clock_rate: int = 8000  # telephone-event/<clock>: what event durations count
     local_crypto: Crypto | None = None  # SRTP: our key (what we send) ...
     remote_crypto: Crypto | None = None  # ... and the peer's (what we receive)
 
@@ -209,11 +210,19 @@ def _pick_codec(media: Media, codecs: tuple[str, ...]) -> tuple[int, str] | None
     return None
 
 
-def _dtmf_payload(media: Media) -> int | None:
-    for pt in filter(lambda p: p is not None, map(payload_type, media.formats)):
-        if media.rtpmap.get(pt, ("", 0)) == ("TELEPHONE-EVENT", 8000):
-            return pt
+def _dtmf_payload(media: Media, codec: str | None = None) -> int | None:
+    """The telephone-event payload type at the audio codec's RTP clock (RFC 4733 §2.1: an Opus call's events count
+    48 kHz ticks), else at 8000 Hz (what most peers offer beside any codec)."""
+    clocks = [SPECS[codec].clock_rate] if codec in SPECS else []
+    for clock in dict.fromkeys(clocks + [8000]):
+        for pt in filter(lambda p: p is not None, map(payload_type, media.formats)):
+            if media.rtpmap.get(pt, ("", 0)) == ("TELEPHONE-EVENT", clock):
+                return pt
     return None
+
+
+def _dtmf_clock(media: Media, pt: int | None) -> int:
+    return media.rtpmap[pt][1] if pt is not None else 8000
 
 
 @dataclass(frozen=True)
@@ -302,7 +311,7 @@ class SDPBuilder:
                 fmt = " ".join(media.formats)
                 lines.append(f"m={media.kind} 0 {media.proto} {fmt}")
                 continue
-            dtmf = _dtmf_payload(media)
+            dtmf = _dtmf_payload(media, match.codec)
             offered_dir = media.direction or offer.direction
             direction = "inactive" if hold else _ANSWER_DIRECTION[offered_dir]
             host = media.connection or offer.connection
@@ -312,8 +321,10 @@ class SDPBuilder:
             local = self.local_crypto(remote.tag, remote.suite) if remote is not None else None
             chosen = Negotiated(codec=match.codec, payload_type=match.payload_type, dtmf_payload_type=dtmf,
                                 remote_host=host, remote_port=media.port, direction=direction,
+                                dtmf_clock_rate=_dtmf_clock(media, dtmf),
                                 local_crypto=local, remote_crypto=remote)
             lines += self._audio_lines(port, match.payload_type, match.codec, dtmf, direction,
+                                       dtmf_clock=_dtmf_clock(media, dtmf),
                                        proto=media.proto if local is not None else "RTP/AVP",
                                        crypto=[local] if local is not None else [])
         if chosen is None:
@@ -322,14 +333,14 @@ class SDPBuilder:
 
     @staticmethod
     def _audio_lines(port: int, pt: int, codec: str, dtmf: int | None, direction: str, *, proto: str = "RTP/AVP",
-                     crypto: list[Crypto] = ()) -> list[str]:
+                     crypto: list[Crypto] = (), dtmf_clock: int = 8000) -> list[str]:
         spec = SPECS[codec]
         fmts = f"{pt} {dtmf}" if dtmf is not None else f"{pt}"
         lines = [f"m=audio {port} {proto} {fmts}", f"a=rtpmap:{pt} {spec.rtpmap}"]
         if spec.fmtp:
             lines.append(f"a=fmtp:{pt} {spec.fmtp}")
         if dtmf is not None:
-            lines += [f"a=rtpmap:{dtmf} telephone-event/8000", f"a=fmtp:{dtmf} 0-16"]
+            lines += [f"a=rtpmap:{dtmf} telephone-event/{dtmf_clock}", f"a=fmtp:{dtmf} 0-16"]
         lines += [f"a=crypto:{c.attribute()}" for c in crypto]
         return lines + ["a=ptime:20", f"a={direction}"]
 
@@ -386,7 +397,9 @@ def read_answer(answer: Session, *, codecs: tuple[str, ...] = SUPPORTED_CODECS,
                 raise SDPError(f"the answer chose SRTP suite {remote.suite} that we did not offer")
             remote = None
         offered_dir = media.direction or answer.direction
-        return Negotiated(codec=match.codec, payload_type=match.payload_type, dtmf_payload_type=_dtmf_payload(media),
+        dtmf = _dtmf_payload(media, match.codec)
+        return Negotiated(codec=match.codec, payload_type=match.payload_type, dtmf_payload_type=dtmf,
                           remote_host=host, remote_port=media.port, direction=_ANSWER_DIRECTION[offered_dir],
+                          dtmf_clock_rate=_dtmf_clock(media, dtmf),
                           local_crypto=local, remote_crypto=remote)
     raise SDPError(why)
