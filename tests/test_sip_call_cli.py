@@ -66,3 +66,17 @@ async def test_busy_callee_exits_3_with_the_outcome(tmp_path):
     assert status == 0, log
     assert code == EXIT_CODES["busy"] == 3, err[-2000:]
     assert "busy (486 Busy Here)" in err
+
+
+def test_call_lists_its_options_and_refuses_a_bad_uri_before_loading_a_model():
+    from typer.testing import CliRunner
+
+    from pipecat_nemotron.apps.cli import app
+
+    result = CliRunner().invoke(app, ["call", "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    for option in ("--ring-timeout", "--greeting", "--proxy", "--from", "--password-env", "--max-call-secs"):
+        assert option in result.output
+    assert "[default: demo]" in result.output and "SIP_PASSWORD" in result.output
+    result = CliRunner().invoke(app, ["call", "sips:alice@example.com"])
+    assert result.exit_code == 2
