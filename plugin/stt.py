@@ -31,12 +31,15 @@ from .resampler import DeterministicStreamResampler
 
 # Pipecat's ttfs_p99_latency: p99 from the end of speech to the final, by chunk size = the VAD's stop_secs (0.2 s)
 # + the p99 of VAD stop -> final measured by benchmarks/ttfs.py on a 2-core CPU, no GPU (benchmarks/results/):
-# the 0.6B architecture, one stream caught up (ttfs_0.6b_cpu.md), and the demo model with 16 live streams
-# (ttfs_demo.md), both with the default trailing context of each Final (320 ms). On a GPU pass your own
-# measurement. The service always finalizes on VAD stop, which ends Pipecat's wait early; this is its safety net.
+# the 0.6B architecture, one stream caught up, on the default fast encoder step in fp32 and in int8
+# (ttfs_0.6b_encoder.md), and the demo model with 16 live streams (ttfs_demo.md), all with the default trailing
+# context of each Final (320 ms). On a GPU pass your own measurement. The service always finalizes on VAD stop,
+# which ends Pipecat's wait early; this is its safety net.
 VAD_STOP_SECS = 0.2
-TTFS_P99_BY_CHUNK_MS = {80: VAD_STOP_SECS + 1.69, 160: VAD_STOP_SECS + 1.58, 320: VAD_STOP_SECS + 1.35,
-                        560: VAD_STOP_SECS + 1.99, 1120: VAD_STOP_SECS + 3.82}
+TTFS_P99_BY_CHUNK_MS = {80: VAD_STOP_SECS + 0.73, 160: VAD_STOP_SECS + 0.83, 320: VAD_STOP_SECS + 0.58,
+                        560: VAD_STOP_SECS + 0.78, 1120: VAD_STOP_SECS + 1.02}
+INT8_TTFS_P99_BY_CHUNK_MS = {80: VAD_STOP_SECS + 0.25, 160: VAD_STOP_SECS + 0.20, 320: VAD_STOP_SECS + 0.20,
+                             560: VAD_STOP_SECS + 0.25, 1120: VAD_STOP_SECS + 0.42}
 DEMO_TTFS_P99_BY_CHUNK_MS = {80: VAD_STOP_SECS + 0.06, 160: VAD_STOP_SECS + 0.04, 320: VAD_STOP_SECS + 0.03,
                              560: VAD_STOP_SECS + 0.03, 1120: VAD_STOP_SECS + 0.05}
 # On EndFrame the finals still being computed are awaited for the time the engine's backlog needs
@@ -112,7 +115,9 @@ class NemotronSTTService(STTService):
             default_settings.apply_update(settings)
         if engine is not None:
             chunk_ms = engine.chunk_ms
-        measured = DEMO_TTFS_P99_BY_CHUNK_MS if default_settings.model == "demo" else TTFS_P99_BY_CHUNK_MS
+        measured = (DEMO_TTFS_P99_BY_CHUNK_MS if default_settings.model == "demo" else
+                    INT8_TTFS_P99_BY_CHUNK_MS if (precision or getattr(engine, "precision", None)) == "int8" else
+                    TTFS_P99_BY_CHUNK_MS)
         super().__init__(settings=default_settings,
                          ttfs_p99_latency=ttfs_p99_latency or measured.get(chunk_ms), **kwargs)
         self._model_source = model
