@@ -340,7 +340,7 @@ async def test_a_full_node_is_skipped_and_an_invite_that_reaches_it_fails_over(c
     ups = cluster.ups(full)  # it is out now; it may come back before the direct calls' results are in
     # the direct calls end; the node answers OPTIONS 200 again and is back in rotation
     assert all(r.answered for r in await asyncio.gather(*direct))
-    await cluster.wait_until_in_rotation(full, timeout=45, since=ups)
+    await cluster.wait_until_in_rotation(full, timeout=90, since=ups)
     # full again, this time the probes notice before any INVITE comes: no INVITE reaches it at all
     direct = await calls_at_once((HOST, full.port), [audio_of("es-ES_00000.wav", tail_s=3.0)] * NODE_CALLS, 0.02)
     await until_full(full)
@@ -352,7 +352,7 @@ async def test_a_full_node_is_skipped_and_an_invite_that_reaches_it_fails_over(c
     ups = cluster.ups(full)
     assert all(r.answered for r in await asyncio.gather(*direct))
     assert all(r.answered and r.bye_status == 200 for r in await asyncio.gather(*busy))
-    await cluster.wait_until_in_rotation(full, timeout=45, since=ups)
+    await cluster.wait_until_in_rotation(full, timeout=90, since=ups)
 
 
 async def options_status(node: Node) -> int:
@@ -408,9 +408,10 @@ async def test_a_killed_node_loses_only_its_calls_new_calls_go_elsewhere_and_it_
     transcripts = await cluster.wait_for_transcripts(survivors + [r.call_id for r in soon + later])
     assert all(transcripts.get(call_id) == [KNOWN["en-US_00001.wav"]] for call_id in survivors), transcripts
     # restarted on the same port, it is probed up and takes its share of the next calls again
+    ups = cluster.ups(victim)  # counted before the restart: the proxy may probe it up before wait_ready returns
     victim.start()
     victim.wait_ready()
-    await cluster.wait_until_in_rotation(victim, timeout=20)
+    await cluster.wait_until_in_rotation(victim, timeout=60, since=ups)
     again = await asyncio.gather(*await calls_at_once(proxy, [audio_of("es-ES_00000.wav", tail_s=0.3)] * 3, 0.1))
     assert all(r.answered for r in again) and sum(victim.answered(r.call_id) for r in again) == 1, again
     transcripts = await cluster.wait_for_transcripts([r.call_id for r in again])
@@ -444,9 +445,10 @@ async def test_a_node_drained_with_sigterm_takes_no_new_calls_finishes_its_own_a
     assert transcripts.get(mine[0].call_id) == [KNOWN["en-US_00001.wav"]], transcripts.get(mine[0].call_id)
     assert "Traceback" not in drained.log_text()
     # back for the tests that follow
+    ups = cluster.ups(drained)
     drained.start()
     drained.wait_ready()
-    await cluster.wait_until_in_rotation(drained, timeout=20)
+    await cluster.wait_until_in_rotation(drained, timeout=60, since=ups)
 
 
 async def test_metrics_scraped_over_http_agree_with_what_the_carrier_saw(cluster):
