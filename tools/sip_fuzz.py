@@ -2093,6 +2093,7 @@ class Report:
     stuck_invites: int = 0
     probe_failures: int = 0
     stalls: int = 0
+    stall_sites: list = field(default_factory=list)  # "1.02 s in rtp.py:120 send" + the innermost frames
     fuzzer_stalls: int = 0
     slow_kept_open: int = 0
     udp_drops: int = 0
@@ -2135,7 +2136,7 @@ class Report:
         if self.probe_failures:
             out.append(f"{self.probe_failures} OPTIONS probes unanswered")
         if self.stalls:
-            out.append(f"{self.stalls} event-loop stalls")
+            out.append(f"{self.stalls} event-loop stalls: " + " | ".join(self.stall_sites[:3]))
         if self.slow_kept_open:
             out.append(f"{self.slow_kept_open} slow TCP connections not timed out")
         if self.normal_call and not (self.normal_call.get("answered") and self.transcript):
@@ -2474,6 +2475,8 @@ async def run(args) -> Report:
                 continue
             report.stalls += 1
             where = f" in {Path(inner[0]).name}:{inner[1]} {inner[2]}" if inner else ""
+            report.stall_sites.append(f"{late:.2f} s{where or ' (no stack sampled)'}; innermost: " + " < ".join(
+                f"{Path(f).name}:{line} {name}" for f, line, name in reversed(frames[-6:])))
             findings.add(f"event-loop stall{where}", f"the event loop was blocked for {late:.2f} s",
                          "stack while blocked:\n" + stack, recent(64), fuzzer.index)
         seen_stalls = len(stalls)
