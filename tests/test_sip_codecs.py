@@ -91,10 +91,8 @@ def test_codecs_policy_limits_the_choice():
     with pytest.raises(ValueError):
         SDPBuilder(address=HOST, codecs=("SPEEX",))
 
-
-@pytest.mark.parametrize("name, pt, ticks, pcm_bytes", [("G722", 9, 160, 640), ("OPUS", 111, 960, 1920)])
-async def test_rtp_session_clock_and_rate(name, pt, ticks, pcm_bytes):
-    from pipecat_nemotron.transports.sip.sdp import Negotiated
+async def _session_and_peer():
+    """An RtpSession on HOST and a non-blocking UDP socket to play the far end."""
     import socket
 
     session = RtpSession()
@@ -102,6 +100,15 @@ async def test_rtp_session_clock_and_rate(name, pt, ticks, pcm_bytes):
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind((HOST, 0))
     peer.setblocking(False)
+    return session, port, peer
+
+
+
+@pytest.mark.parametrize("name, pt, ticks, pcm_bytes", [("G722", 9, 160, 640), ("OPUS", 111, 960, 1920)])
+async def test_rtp_session_clock_and_rate(name, pt, ticks, pcm_bytes):
+    from pipecat_nemotron.transports.sip.sdp import Negotiated
+
+    session, port, peer = await _session_and_peer()
     try:
         session.configure(Negotiated(codec=name, payload_type=pt, dtmf_payload_type=None, remote_host=HOST,
                                      remote_port=peer.getsockname()[1], direction="sendrecv"))
@@ -185,15 +192,9 @@ def test_telephone_event_at_the_codec_clock():
 
 
 async def test_dtmf_durations_count_the_event_clock():
-    import socket
-
     from pipecat_nemotron.transports.sip.rtp import DTMFDecoder
 
-    session = RtpSession()
-    _, port = await session.open(host=HOST)
-    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    peer.bind((HOST, 0))
-    peer.setblocking(False)
+    session, port, peer = await _session_and_peer()
     try:
         opus = offer("96 102", ["96 opus/48000/2", "102 telephone-event/48000"]).replace("5004",
                                                                                          str(peer.getsockname()[1]))
