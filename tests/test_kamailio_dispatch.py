@@ -224,16 +224,16 @@ class Cluster:
             await asyncio.sleep(0.2)
         return self.transcripts()
 
-    def ups(self, node: Node) -> int:
-        """How many times the proxy has reported the node up so far."""
-        return len(self.proxy.lines(f"node {node.uri} up"))
+    def reports(self, node: Node) -> list[str]:
+        """The proxy's "up"/"down" reports of the node so far, oldest first."""
+        lines = self.proxy.lines(f"node {node.uri} ")
+        return ["up" if line.endswith(" up") else "down" for line in lines if line.endswith((" up", " down"))]
 
-    async def wait_until_in_rotation(self, node: Node, timeout: float = 10.0, since: int | None = None) -> None:
-        """Until the proxy reports the node up again (its OPTIONS answered 200) after `since` up-reports (count
-        them while the node is still out: it may come back before this wait starts)."""
-        before = self.ups(node) if since is None else since
+    async def wait_until_in_rotation(self, node: Node, timeout: float = 10.0) -> None:
+        """Until the proxy's latest report of the node is "up" (it answers OPTIONS 200 again). The latest report,
+        not a count of them: the node can come back, or flap out and back in, before this wait starts."""
         deadline = time.monotonic() + timeout
-        while len(self.proxy.lines(f"node {node.uri} up")) == before:
+        while self.reports(node)[-1:] != ["up"]:
             assert time.monotonic() < deadline, f"{node.name} not back in rotation:\n{self.proxy.log_text()[-3000:]}"
             await asyncio.sleep(0.1)
 
@@ -337,10 +337,9 @@ async def test_a_full_node_is_skipped_and_an_invite_that_reaches_it_fails_over(c
     assert full.refused(first.call_id), "the INVITE did not reach the full node: nothing was tested"
     assert cluster.node_of(first.call_id) not in (None, full)
     assert cluster.proxy.lines(f"{first.call_id} failed on {full.uri} (503)")
-    ups = cluster.ups(full)  # it is out now; it may come back before the direct calls' results are in
     # the direct calls end; the node answers OPTIONS 200 again and is back in rotation
     assert all(r.answered for r in await asyncio.gather(*direct))
-    await cluster.wait_until_in_rotation(full, timeout=90, since=ups)
+    await cluster.wait_until_in_rotation(full, timeout=90)
     # full again, this time the probes notice before any INVITE comes: no INVITE reaches it at all
     direct = await calls_at_once((HOST, full.port), [audio_of("es-ES_00000.wav", tail_s=3.0)] * NODE_CALLS, 0.02)
     await until_full(full)
@@ -349,10 +348,9 @@ async def test_a_full_node_is_skipped_and_an_invite_that_reaches_it_fails_over(c
     assert all(r.answered for r in later), later
     assert not any(full.reached(r.call_id) for r in later), "an INVITE reached the node that answers OPTIONS 503"
     assert not any(cluster.proxy.lines(f"{r.call_id} failed") for r in later)
-    ups = cluster.ups(full)
     assert all(r.answered for r in await asyncio.gather(*direct))
     assert all(r.answered and r.bye_status == 200 for r in await asyncio.gather(*busy))
-    await cluster.wait_until_in_rotation(full, timeout=90, since=ups)
+    await cluster.wait_until_in_rotation(full, timeout=90)
 
 
 async def options_status(node: Node) -> int:
@@ -408,10 +406,9 @@ async def test_a_killed_node_loses_only_its_calls_new_calls_go_elsewhere_and_it_
     transcripts = await cluster.wait_for_transcripts(survivors + [r.call_id for r in soon + later])
     assert all(transcripts.get(call_id) == [KNOWN["en-US_00001.wav"]] for call_id in survivors), transcripts
     # restarted on the same port, it is probed up and takes its share of the next calls again
-    ups = cluster.ups(victim)  # counted before the restart: the proxy may probe it up before wait_ready returns
     victim.start()
     victim.wait_ready()
-    await cluster.wait_until_in_rotation(victim, timeout=60, since=ups)
+    await cluster.wait_until_in_rotation(victim, timeout=60)
     again = await asyncio.gather(*await calls_at_once(proxy, [audio_of("es-ES_00000.wav", tail_s=0.3)] * 3, 0.1))
     assert all(r.answered for r in again) and sum(victim.answered(r.call_id) for r in again) == 1, again
     transcripts = await cluster.wait_for_transcripts([r.call_id for r in again])
@@ -445,10 +442,9 @@ async def test_a_node_drained_with_sigterm_takes_no_new_calls_finishes_its_own_a
     assert transcripts.get(mine[0].call_id) == [KNOWN["en-US_00001.wav"]], transcripts.get(mine[0].call_id)
     assert "Traceback" not in drained.log_text()
     # back for the tests that follow
-    ups = cluster.ups(drained)
     drained.start()
     drained.wait_ready()
-    await cluster.wait_until_in_rotation(drained, timeout=60, since=ups)
+    await cluster.wait_until_in_rotation(drained, timeout=60)
 
 
 async def test_metrics_scraped_over_http_agree_with_what_the_carrier_saw(cluster):
