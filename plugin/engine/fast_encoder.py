@@ -24,12 +24,9 @@ fp32 (it is precomputed, so it costs nothing per step), as do the subsampling an
 from __future__ import annotations
 
 import copy
-import logging
 import warnings
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8")
 
