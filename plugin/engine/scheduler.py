@@ -158,9 +158,8 @@ class Engine:
             model's encoder has the structure it knows, NeMo's own `cache_aware_stream_step` otherwise (logged);
             "fast" insists (a load error otherwise); "nemo" always takes NeMo's step.
         precision: "fp32" (default) or "int8" (CPU only: the encoder layers' Linear weights dynamically quantised
-            to int8, 2.4-4.1× the fp32 fast step on the 0.6B architecture on a 2-core CPU (README), for a small accuracy
-            cost; needs the fast step). On CUDA the encoder
-            runs in the model's own dtype.
+            to int8, 2.4-4.1× the fp32 fast step on the 0.6B architecture on a 2-core CPU (README), for a small
+            accuracy cost; needs the fast step). On CUDA the encoder runs in the model's own dtype.
         reset_context_per_utterance: start each utterance with empty encoder caches instead of carrying
             the call's context over. Default: what the model's config asks for
             (`pipecat_nemotron.reset_context_per_utterance`; neither the bundled demo model, which was
