@@ -38,7 +38,9 @@ def unsupported_reason(encoder) -> str | None:
     from nemo.collections.asr.parts.submodules.conformer_modules import ConformerConvolution, ConformerLayer
     from nemo.collections.asr.parts.submodules.multi_head_attention import RelPositionMultiHeadAttention
 
-    if not isinstance(encoder, ConformerEncoder) or type(encoder).forward_internal is not ConformerEncoder.forward_internal:
+    own_forward = type(encoder).forward_internal is ConformerEncoder.forward_internal if isinstance(
+        encoder, ConformerEncoder) else False
+    if not own_forward:
         return f"the encoder is a {type(encoder).__name__}, not NeMo's ConformerEncoder"
     if encoder.self_attention_model != "rel_pos":
         return f"self_attention_model={encoder.self_attention_model!r} (the fast step knows 'rel_pos')"
