@@ -100,6 +100,7 @@ async def test_drain_with_no_calls_exits_at_once(serve_sip):
     server.signal(signal.SIGTERM)
     assert await server.exited(10) == 0
     assert time.monotonic() - signalled < 5.0
+    assert "start-up objects frozen" in server.log()  # full collections skip the model's heap (tests/test_heap.py)
 
 
 async def test_second_sigterm_ends_the_wait_for_live_calls(serve_sip):

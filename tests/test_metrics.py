@@ -263,7 +263,7 @@ async def test_serve_webrtc_metrics_healthz_and_drain_on_sigterm(tmp_path):
         assert time.monotonic() - signalled < 8
     finally:
         server.stop()
-    assert "drain: SIGTERM" in server.log()
+    assert "drain: SIGTERM" in server.log() and "start-up objects frozen" in server.log()
 
 
 async def test_webrtc_offers_are_refused_while_draining_and_counted():

@@ -352,6 +352,8 @@ def test_serve_riva_drains_on_sigterm_finalizing_live_streams_and_counts_them(tm
         assert server.wait(30) == 0
         assert 'nemotron_calls_refused_total{reason="draining"} 1.0' in metrics
         assert "nemotron_calls_answered_total 1.0" in metrics  # the warm-up is not a call; health checks neither
+        log.seek(0)
+        assert "start-up objects frozen" in log.read()  # full collections skip the model's heap
     finally:
         if server.poll() is None:
             server.kill()

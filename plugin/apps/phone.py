@@ -45,6 +45,7 @@ from ..transports.sip.config import PRIVATE_NETWORKS, allowed_peers_for
 from ..transports.sip.uas import SIPUserAgentServer
 from . import register
 from .drain import DEFAULT_DRAIN_TIMEOUT_S, Drain, DrainingAdmission
+from .heap import freeze_startup_heap
 from .metrics import REFUSAL_REASONS, AdminServer, ServerMetrics
 
 OUTPUT_CHUNK_SAMPLES = 320  # pipecat's output sends whole 40 ms chunks at 8 kHz: pad the greeting to that
@@ -172,9 +173,11 @@ def make_stt(args: argparse.Namespace, *, engine=None, reservation=None):
 
 
 async def serve(args: argparse.Namespace, *, stt_factory=None, out: IO[str] | None = None,
-                ready: asyncio.Event | None = None, drain: Drain | None = None, handle_signals: bool = False) -> None:
+                ready: asyncio.Event | None = None, drain: Drain | None = None, handle_signals: bool = False,
+                freeze_heap: bool = False) -> None:
     """Load the model, then answer calls until cancelled or drained (``drain``, started by SIGTERM when
-    ``handle_signals``, or by ``POST /drain`` on ``--metrics-port``); returns once drained."""
+    ``handle_signals``, or by ``POST /drain`` on ``--metrics-port``); returns once drained. ``freeze_heap``: the
+    process is ours, so freeze its start-up heap before listening (`heap.freeze_startup_heap`)."""
     drain = drain or Drain(timeout_s=getattr(args, "drain_timeout", DEFAULT_DRAIN_TIMEOUT_S))
     drain.bind()
     if handle_signals:  # before the load: a SIGTERM while loading drains a server with no calls, i.e. exits
@@ -188,7 +191,8 @@ async def serve(args: argparse.Namespace, *, stt_factory=None, out: IO[str] | No
             admin = AdminServer(metrics=metrics, drain=drain, host=args.metrics_host, port=args.metrics_port)
             admin.start()
             catch_up = asyncio.ensure_future(_catch_up(metrics))
-        await _serve(args, stt_factory=stt_factory, out=out, ready=ready, drain=drain, metrics=metrics, node=node)
+        await _serve(args, stt_factory=stt_factory, out=out, ready=ready, drain=drain, metrics=metrics, node=node,
+                     freeze_heap=freeze_heap)
     finally:
         if catch_up is not None:
             catch_up.cancel()
@@ -199,7 +203,7 @@ async def serve(args: argparse.Namespace, *, stt_factory=None, out: IO[str] | No
 
 
 async def _serve(args: argparse.Namespace, *, stt_factory, out: IO[str] | None, ready: asyncio.Event | None,
-                 drain: Drain, metrics: ServerMetrics, node: SimpleNamespace) -> None:
+                 drain: Drain, metrics: ServerMetrics, node: SimpleNamespace, freeze_heap: bool) -> None:
     out = out or (sys.stdout if args.output == "-" else open(args.output, "a", encoding="utf-8"))
     if args.max_calls is None:
         args.max_calls, source = default_max_calls(args.model, args.device)
@@ -250,6 +254,8 @@ async def _serve(args: argparse.Namespace, *, stt_factory, out: IO[str] | None, 
                        tls_port=args.tls_port, srtp=args.srtp)
     server = node.server = SIPServer(on_call=on_call, config=config)
     server.uas.on_rejected = on_rejected
+    if freeze_heap:
+        freeze_startup_heap()
     registration = None
     try:
         host, port = await server.start()
@@ -375,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.error(f"serve-sip: {error}")
         raise SystemExit(2) from None
     try:
-        asyncio.run(serve(args, handle_signals=True))
+        asyncio.run(serve(args, handle_signals=True, freeze_heap=True))
     except KeyboardInterrupt:
         pass
     except OSError as error:  # a port in use, an address not on this machine

@@ -52,6 +52,7 @@ from pipecat.transcriptions.language import Language
 
 from ..engine import DEFAULT_MODEL, Engine
 from .drain import DEFAULT_DRAIN_TIMEOUT_S, Drain, engine_refusal
+from .heap import freeze_startup_heap
 from .metrics import AdminServer, ServerMetrics
 
 STATIC_DIR = Path(__file__).parent.parent / "static"
@@ -471,7 +472,8 @@ async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str 
                        language: Language | str | None = None, device: str = "auto", llm: bool | None = None,
                        allow_remote: bool = False, threads: int | None = None, precision: str = "fp32",
                        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S, metrics_port: int | None = None,
-                       metrics_host: str = "127.0.0.1", handle_signals: bool = True) -> None:
+                       metrics_host: str = "127.0.0.1", handle_signals: bool = True,
+                       freeze_heap: bool = False) -> None:
     """Serve the browser page and WebRTC calls until interrupted.
 
     Args (keyword-only):
@@ -489,6 +491,8 @@ async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str 
         drain_timeout: on SIGTERM (or `POST /drain`), how long live sessions may go on before they are ended.
         metrics_port, metrics_host: serve Prometheus `/metrics`, `/healthz` and `POST /drain` there (None: off).
         handle_signals: SIGTERM drains, SIGINT stops (uvicorn's own handlers are not installed).
+        freeze_heap: the process is ours: freeze its start-up heap once the model is loaded
+            (`heap.freeze_startup_heap`; `run_webrtc_server` does).
     """
     import uvicorn
     from rich.console import Console
@@ -518,6 +522,8 @@ async def serve_webrtc(*, host: str = "127.0.0.1", port: int = 7860, model: str 
             allow_loopback_ice_candidates()
         with loading(Console(stderr=True), f"{model} ({chunk_ms} ms chunks)"):
             await server.start()  # model errors surface here, before the port opens
+        if freeze_heap:
+            freeze_startup_heap()
         logger.info(f"serve-webrtc: open http://{'localhost' if _loopback(host) else host}:{port}/")
         config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", lifespan="on")
         http = _uvicorn_without_signal_handlers()(config)
@@ -563,7 +569,8 @@ def run_webrtc_server(*, host: str = "127.0.0.1", port: int = 7860, model: str =
     try:
         asyncio.run(serve_webrtc(host=host, port=port, model=model, chunk_ms=chunk_ms, language=language,
                                  device=device, llm=llm, allow_remote=allow_remote, threads=threads,
-                                 precision=precision, drain_timeout=drain_timeout, metrics_port=metrics_port, metrics_host=metrics_host))
+                                 precision=precision, drain_timeout=drain_timeout, metrics_port=metrics_port,
+                                 metrics_host=metrics_host, freeze_heap=True))
     except KeyboardInterrupt:
         pass
     except (NemotronEngineError, ValueError) as error:

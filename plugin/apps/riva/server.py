@@ -11,6 +11,7 @@ from riva.client.proto import health_pb2, health_pb2_grpc, riva_asr_pb2_grpc
 
 from ...engine import Engine
 from ..drain import DEFAULT_DRAIN_TIMEOUT_S, Drain
+from ..heap import freeze_startup_heap
 from ..metrics import AdminServer, ServerMetrics
 from .service import RivaASRServicer
 
@@ -75,6 +76,7 @@ async def serve_riva(*, host: str, port: int, model: str, chunk_ms: int, device:
     try:
         await engine.ready()
         await engine.warm_up()
+        freeze_startup_heap()  # serve_riva owns its process (signal handlers, run_riva_server)
         server, _, servicer = await start_riva_server(engine=engine, host=host, port=port, drain=drain,
                                                       metrics=metrics, tls=tls)
         metrics.status.listening = True
