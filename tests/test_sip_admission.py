@@ -63,7 +63,8 @@ async def test_full_admission_503_with_retry_after_and_options_503(peer, rtp_pee
         busy = await peer.expect(status=503)
         assert busy.call_id == second.call_id and busy.get("Retry-After") == "7"
         Dialog(peer, server.port).send("OPTIONS")  # a proxy's health check: stop routing here
-        assert (await peer.expect(status=503)).get("Retry-After") == "7"
+        full = await peer.expect(status=503)
+        assert full.get("Retry-After") == "7" and full.reason == "Service Unavailable (full)"
         first.send("BYE")
         await peer.expect(status=200)
         await asyncio.sleep(0.05)
@@ -87,7 +88,37 @@ async def test_call_limit_503_and_options_503_carry_retry_after(peer, rtp_peer):
         Dialog(peer, server.port, rtp_port=rtp_peer.port).invite()
         assert (await peer.expect(status=503)).get("Retry-After") == "5"
         Dialog(peer, server.port).send("OPTIONS")
-        assert (await peer.expect(status=503)).get("Retry-After") == "5"
+        limit = await peer.expect(status=503)
+        assert limit.get("Retry-After") == "5" and limit.reason == "Service Unavailable (call limit reached)"
+
+
+async def test_options_503_says_why_draining_or_lagging(peer):
+    """OPTIONS' 503 names the admission's ``unavailable`` (the servers' DrainingAdmission): an operator reading a
+    dispatcher's probe log sees a draining node apart from a full or lagging one."""
+    from pipecat_nemotron.apps.drain import Drain, DrainingAdmission
+
+    class LaggingEngine(FakeAdmission):
+        lagging = False
+
+        @property
+        def has_capacity(self):
+            return not self.lagging and super().has_capacity
+
+    engine, drain = LaggingEngine(2), Drain(timeout_s=1)
+    calls, on_call = calls_recorder()
+    async with serving(on_call, admission=DrainingAdmission(drain=drain, engine=engine)) as server:
+        reasons = []
+        for state in ["ok", "lag", "draining"]:
+            engine.lagging = state != "ok"
+            if state == "draining":
+                engine.lagging = False
+                drain.request("test")
+            probe = Dialog(peer, server.port)
+            probe.send("OPTIONS")
+            while (answer := await peer.expect(status=200 if state == "ok" else 503)).call_id != probe.call_id:
+                pass
+            reasons.append((answer.status, answer.reason))
+    assert reasons == [(200, "OK"), (503, "Service Unavailable (lag)"), (503, "Service Unavailable (draining)")]
 
 
 @pytest.mark.parametrize("ending", ["rejected 488", "cancelled", "no ACK", "server stop", "application"])

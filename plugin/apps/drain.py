@@ -140,6 +140,15 @@ class DrainingAdmission:
     def has_capacity(self) -> bool:
         return not self.drain.draining and (self.engine is None or self.engine.has_capacity)
 
+    @property
+    def unavailable(self) -> str | None:
+        """Why there is no capacity now (the SIP server's OPTIONS 503 says it), None while there is."""
+        if self.drain.draining:
+            return "draining"
+        if self.engine is None or self.engine.has_capacity:
+            return None
+        return engine_refusal(self.engine)
+
 
 def engine_refusal(engine) -> str:
     """Why ``engine.try_reserve()`` gives None now: "not_ready", "lag" or "capacity"."""

@@ -1,7 +1,9 @@
 """Admission: how the SIP server asks whatever serves the calls (the STT engine) for room before answering.
 
 Transports never import the engine, so this is a structural protocol: the engine's ``Engine`` satisfies
-:class:`CallAdmission` as it is (``try_reserve()`` and ``has_capacity``), and tests use a small fake.
+:class:`CallAdmission` as it is (``try_reserve()`` and ``has_capacity``), and tests use a small fake. Two optional
+string attributes name a refusal in the 503's reason phrase: ``refusal`` (why the last ``try_reserve()`` gave None)
+and ``unavailable`` (why there is no capacity now, for OPTIONS); the servers' ``DrainingAdmission`` has both.
 """
 
 from __future__ import annotations

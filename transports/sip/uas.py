@@ -108,6 +108,13 @@ class SIPUserAgentServer:
         admission = self.config.admission
         return admission is not None and not admission.has_capacity
 
+    def _why_full(self) -> str:
+        """What OPTIONS' 503 says: the call limit, or the admission's ``unavailable`` ("draining", "lag"...)."""
+        if self.active_calls >= self.config.max_calls:
+            return "call limit reached"
+        why = getattr(self.config.admission, "unavailable", None)
+        return str(why).replace("_", " ") if why else "full"
+
     async def stop(self) -> None:
         """Hang up every call and close the sockets."""
         for call in self.dialogs.active:
@@ -395,7 +402,7 @@ class SIPUserAgentServer:
                 self.responses.respond(request, source, 200)
             return
         if self.full:  # so a proxy's health check (Kamailio dispatcher) stops routing calls here
-            self.responses.respond(request, source, 503, reason="Service Unavailable (full)")
+            self.responses.respond(request, source, 503, reason=f"Service Unavailable ({self._why_full()})")
             return
         self.responses.respond(request, source, 200)
 
