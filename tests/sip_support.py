@@ -14,6 +14,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
 from pipecat_nemotron.transports.sip import SIPCallTransport, SIPConfig, SIPUserAgentServer
+from pipecat_nemotron.transports.sip.rtp import RtpSession
 
 HOST = "127.0.0.1"
 
@@ -23,6 +24,17 @@ async def start_server(on_call=None, *, port: int = 0, **config) -> SIPUserAgent
     server = SIPUserAgentServer(config=SIPConfig(host=HOST, port=port, **config), on_call=on_call)
     await server.start()
     return server
+
+
+async def rtp_session_and_peer() -> tuple[RtpSession, int, socket.socket]:
+    """An open RtpSession on HOST, its port, and a non-blocking UDP socket on HOST to play the far end (the caller
+    closes both)."""
+    session = RtpSession()
+    _, port = await session.open(host=HOST)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind((HOST, 0))
+    peer.setblocking(False)
+    return session, port, peer
 
 
 @asynccontextmanager

@@ -11,9 +11,8 @@ from pipecat.frames.frames import InputAudioRawFrame
 from pipecat_nemotron.transports.codecs import SPECS, MediaCodec
 from pipecat_nemotron.transports.g722 import G722Decoder
 from pipecat_nemotron.transports.pyav_audio import CodecError
-from pipecat_nemotron.transports.sip.rtp import RtpSession
 from pipecat_nemotron.transports.sip.sdp import SDPBuilder, SDPError, parse_sdp
-from sip_support import HOST, Collector, run_call_pipeline, serving, until
+from sip_support import HOST, Collector, rtp_session_and_peer, run_call_pipeline, serving, until
 from test_sip_uas import Dialog, Peer, media_port
 
 
@@ -91,24 +90,13 @@ def test_codecs_policy_limits_the_choice():
     with pytest.raises(ValueError):
         SDPBuilder(address=HOST, codecs=("SPEEX",))
 
-async def _session_and_peer():
-    """An RtpSession on HOST and a non-blocking UDP socket to play the far end."""
-    import socket
-
-    session = RtpSession()
-    _, port = await session.open(host=HOST)
-    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    peer.bind((HOST, 0))
-    peer.setblocking(False)
-    return session, port, peer
-
 
 
 @pytest.mark.parametrize("name, pt, ticks, pcm_bytes", [("G722", 9, 160, 640), ("OPUS", 111, 960, 1920)])
 async def test_rtp_session_clock_and_rate(name, pt, ticks, pcm_bytes):
     from pipecat_nemotron.transports.sip.sdp import Negotiated
 
-    session, port, peer = await _session_and_peer()
+    session, port, peer = await rtp_session_and_peer()
     try:
         session.configure(Negotiated(codec=name, payload_type=pt, dtmf_payload_type=None, remote_host=HOST,
                                      remote_port=peer.getsockname()[1], direction="sendrecv"))
@@ -194,7 +182,7 @@ def test_telephone_event_at_the_codec_clock():
 async def test_dtmf_durations_count_the_event_clock():
     from pipecat_nemotron.transports.sip.rtp import DTMFDecoder
 
-    session, port, peer = await _session_and_peer()
+    session, port, peer = await rtp_session_and_peer()
     try:
         opus = offer("96 102", ["96 opus/48000/2", "102 telephone-event/48000"]).replace("5004",
                                                                                          str(peer.getsockname()[1]))

@@ -6,7 +6,6 @@ and counted, client contexts verifying the peer)."""
 import asyncio
 import base64
 import secrets
-import socket
 import ssl
 
 import numpy as np
@@ -14,12 +13,12 @@ import pytest
 from aiortc.rtp import RtpPacket
 
 from pipecat_nemotron.transports.sip.message import parse_message, parse_via
-from pipecat_nemotron.transports.sip.rtp import RtpSession, g711_encode
+from pipecat_nemotron.transports.sip.rtp import g711_encode
 from pipecat_nemotron.transports.sip.sdp import SDPBuilder, SDPError, parse_sdp
 from pipecat_nemotron.transports.sip.srtp import (Crypto, CryptoError, SrtpContext, SrtpError, new_crypto,
                                                   parse_crypto)
 from pipecat_nemotron.transports.sip.tls import TLSConfigError, client_context, server_context
-from sip_support import HOST, calls_recorder, serving, until
+from sip_support import HOST, calls_recorder, rtp_session_and_peer, serving, until
 from tls_support import make_certificates
 
 KEY = base64.b64encode(bytes(range(30))).decode()  # 40 characters
@@ -156,11 +155,7 @@ def negotiated_srtp(peer_port):
 
 
 async def test_rtp_session_drops_and_counts_tampered_replayed_and_plain_packets():
-    session = RtpSession()
-    _, port = await session.open(host=HOST)
-    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    peer.bind((HOST, 0))
-    peer.setblocking(False)
+    session, port, peer = await rtp_session_and_peer()
     loop = asyncio.get_running_loop()
     try:
         negotiated, context = negotiated_srtp(peer.getsockname()[1])
