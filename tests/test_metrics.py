@@ -94,16 +94,17 @@ async def test_engine_collector_sees_every_step_even_when_scraped_from_another_t
     registry.register(EngineCollector(engine=lambda: engine))
     scrapes, stop = [], threading.Event()
 
-    def scrape_all_the_time():  # a hostile scraper: as fast as it can, while the engine steps
+    def scrape_all_the_time():  # a hostile scraper: back to back, while the engine steps
         while not stop.is_set():
             scrapes.append(parse_metrics(generate_latest(registry).decode()))
+            time.sleep(0)  # lets the engine thread take the GIL at once, not after a 5 ms switch interval per op
 
     scraper = threading.Thread(target=scrape_all_the_time)
     scraper.start()
     try:
         rng = np.random.default_rng(0)
         streams = [engine.open_stream(language="auto") for _ in range(3)]
-        for second in range(4):
+        for second in range(2):
             for stream in streams:
                 stream.feed((rng.standard_normal(16000) * 0.05).astype(np.float32))
             await asyncio.sleep(0.05)
@@ -120,7 +121,7 @@ async def test_engine_collector_sees_every_step_even_when_scraped_from_another_t
         final = parse_metrics(generate_latest(registry).decode())
         engine.close()
     stats = engine.stats
-    assert len(scrapes) > 5
+    assert len(scrapes) > 100, len(scrapes)  # ~1,600 here: many scrapes inside every step
     steps = [s["nemotron_engine_steps_total"] for s in scrapes]
     assert steps == sorted(steps), "a counter went backwards"
     assert all(s["nemotron_engine_batch_size_count"] <= s["nemotron_engine_steps_total"] + 1 for s in scrapes)
