@@ -1,6 +1,7 @@
 """`pipecat-nemotron call` end to end, in a loopback-only network namespace: it dials a baresip that auto-answers
-and plays held-out speech, prints the callee's words as a JSON line (demo model) and exits 0; a busy callee (sipp,
-486) makes it exit 3 with the outcome on stderr."""
+and plays held-out speech, prints the callee's words as a JSON line (demo model) and exits 0, over UDP and over TLS
+with SRTP (``sips:``, the callee's certificate verified against ``--tls-ca``); a busy callee (sipp, 486) makes it
+exit 3 with the outcome on stderr."""
 
 import asyncio
 import json
@@ -34,20 +35,32 @@ async def run_cli(*args: str, timeout: float = 60) -> tuple[int, str, str]:
 
 
 @needs
-async def test_call_transcribes_the_callee_and_exits_0(tmp_path):
+@pytest.mark.parametrize("secure", [False, True], ids=["udp", "tls-srtp"])
+async def test_call_transcribes_the_callee_and_exits_0(tmp_path, secure):
     from pipecat_nemotron.wav import read_wav
     from test_demo_model import normalise
     from test_sip_peers import write_wav
+    from tls_support import make_certificates
 
     row = heldout_row("en-US_00001.wav")
     wav = read_wav(HELDOUT / row["file"])
     write_wav(tmp_path / "callee.wav", np.concatenate([np.zeros(4000, dtype=np.int16), wav.samples,
                                                        np.zeros(40000, dtype=np.int16)]).astype("<i2"))
     config_dir, sip_port = write_callee_config(tmp_path, tmp_path / "callee.wav")
+    target, extra = f"sip:callee@{HOST}:{sip_port}", []
+    if secure:  # baresip listens for TLS on its SIP port + 1 and, with srtp-mand, takes RTP/SAVP only
+        ca, cert, key = make_certificates(tmp_path / "pki")
+        (tmp_path / "pki" / "both.pem").write_bytes(cert.read_bytes() + key.read_bytes())
+        config = config_dir / "config"
+        config.write_text(config.read_text() + f"sip_certificate {tmp_path / 'pki' / 'both.pem'}\nmodule srtp.so\n")
+        accounts = config_dir / "accounts"
+        accounts.write_text(accounts.read_text().rstrip("\n") + ";mediaenc=srtp-mand\n")
+        target, extra = f"sips:callee@{HOST}:{sip_port + 1}", ["--tls-ca", str(ca)]
     baresip = await asyncio.create_subprocess_exec("baresip", "-f", str(config_dir), "-t", "40", cwd=tmp_path,
                                                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
-        code, out, err = await run_cli(f"sip:callee@{HOST}:{sip_port}", "--model", "demo", "--max-call-secs", "9")
+        await asyncio.sleep(0.5)  # baresip's listeners up
+        code, out, err = await run_cli(target, "--model", "demo", "--max-call-secs", "9", *extra)
     finally:
         baresip.kill()
         await baresip.wait()
@@ -56,6 +69,7 @@ async def test_call_transcribes_the_callee_and_exits_0(tmp_path):
     assert lines and normalise(lines[0]["text"]) == normalise(row["text"]), (out, err[-2000:])
     assert lines[0]["language"] == "en-US"
     assert "answered (200 " in err and "max call length" in err
+    assert ("PCMU SRTP (0 dropped)" in err) == secure, err[-2000:]  # the call's log line: media encrypted or not
 
 
 @needs
@@ -78,5 +92,6 @@ def test_call_lists_its_options_and_refuses_a_bad_uri_before_loading_a_model():
     for option in ("--ring-timeout", "--greeting", "--proxy", "--from", "--password-env", "--max-call-secs"):
         assert option in result.output
     assert "[default: demo]" in result.output and "SIP_PASSWORD" in result.output
-    result = CliRunner().invoke(app, ["call", "sips:alice@example.com"])
+    assert "--tls-ca" in result.output and "--tls-no-verify" in result.output
+    result = CliRunner().invoke(app, ["call", "sip:<alice>@example.com"])
     assert result.exit_code == 2

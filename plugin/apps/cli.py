@@ -293,7 +293,7 @@ def serve_sip(
 
 @app.command("call")
 def call(
-    uri: str = typer.Argument(..., help="who to call: sip:user@host[:port]"),
+    uri: str = typer.Argument(..., help="who to call: sip:user@host[:port] (sips: for TLS + SRTP)"),
     model: str = typer.Option("demo", help=MODEL_HELP),
     chunk_ms: int = typer.Option(160, help=CHUNK_HELP, callback=_chunk_ms),
     language: str = typer.Option("auto", help=LANGUAGE_HELP),
@@ -311,6 +311,9 @@ def call(
     ring_timeout: float = typer.Option(60.0, min=0.1, help="CANCEL after ringing this long (seconds)"),
     max_call_secs: float = typer.Option(3600, min=0, help="hang up after this long (0: never)"),
     output: str = typer.Option("-", help="JSON-lines file to append final transcripts to ('-': stdout)"),
+    tls_ca: Optional[Path] = typer.Option(None, exists=True, show_default="the system's CAs",
+                                          help="CA file or directory a sips: callee's certificate must chain to"),
+    tls_no_verify: bool = typer.Option(False, "--tls-no-verify", help="do not verify a sips: callee (lab use)"),
 ):
     """Call a SIP URI, transcribe what the callee says; exit 0 answered, 3 busy, 4 no answer, 5 rejected, 6 failed."""
     from .console import quiet_third_party
@@ -321,9 +324,11 @@ def call(
             "--password-env", password_env, "--host", host, "--port", str(port), "--ring-timeout", str(ring_timeout),
             "--max-call-secs", str(max_call_secs), "--output", output]
     for name, value in (("--greeting", greeting), ("--proxy", proxy), ("--from", from_uri), ("--username", username),
-                        ("--advertise", advertise)):
+                        ("--advertise", advertise), ("--tls-ca", tls_ca)):
         if value is not None:
             argv += [name, str(value)]
+    if tls_no_verify:
+        argv.append("--tls-no-verify")
     from .dial import main as dial_main
 
     raise typer.Exit(dial_main(argv))

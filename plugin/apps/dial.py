@@ -3,13 +3,16 @@
     pipecat-nemotron call sip:alice@192.0.2.7 --model demo
     pipecat-nemotron call sip:1001@pbx.example.com --proxy 192.0.2.10 --from sip:bot@pbx.example.com \\
         --username bot --password-env SIP_PASSWORD --greeting hello.wav
+    pipecat-nemotron call sips:1001@pbx.example.com --tls-ca pbx-ca.pem    # SIP over TLS, SDES-SRTP
 
 The call is placed from our own SIP socket (``--host``/``--port``, a free port by default) by
 ``transports.sip.uac``: digest auth on 401/407 with ``SIP_USERNAME``/``SIP_PASSWORD`` (or ``--username`` and
 ``--password-env``), CANCEL after ``--ring-timeout``. Once answered the same per-call pipeline as serve-sip runs
 (``phone.run_call``: VAD → NemotronSTTService → one JSON line per final transcript), the greeting is played when
 the callee picks up, and the call ends when the callee hangs up or after ``--max-call-secs``. It answers no
-calls of its own: inbound INVITEs get 403.
+calls of its own: inbound INVITEs get 403. A ``sips:`` URI (or ``--proxy sips:...``) goes over TLS with SRTP; the
+peer's certificate must chain to ``--tls-ca`` (default: the system's CAs) and name the host dialled, unless
+``--tls-no-verify`` (lab use; logged as a warning).
 
 Exit status: 0 answered, 3 busy, 4 no answer, 5 rejected (with the SIP status in the message), 6 failed
 (network, no response), 2 bad options.
@@ -58,7 +61,7 @@ async def place_call(args: argparse.Namespace, *, stt_factory=None, out: IO[str]
     await server.start()
     try:
         client = SIPUserAgentClient(uas=server, credentials=credentials_for(args), outbound_proxy=args.proxy,
-                                    from_uri=args.from_uri)
+                                    from_uri=args.from_uri, tls_ca=args.tls_ca, tls_verify=not args.tls_no_verify)
         result = await client.dial(args.uri, ring_timeout=args.ring_timeout)
         if result.answered:
             await run_call(result.call, stt=stt_factory(result.call), out=out, greeting=greeting)
@@ -69,7 +72,7 @@ async def place_call(args: argparse.Namespace, *, stt_factory=None, out: IO[str]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pipecat-nemotron call", description=__doc__.split("\n")[0])
-    parser.add_argument("uri", help="who to call: sip:user@host[:port]")
+    parser.add_argument("uri", help="who to call: sip:user@host[:port] (sips: for TLS + SRTP)")
     parser.add_argument("--model", default="demo", help="Hugging Face id, .nemo path, or 'demo'")
     parser.add_argument("--chunk-ms", type=int, default=160, help="80, 160, 320, 560 or 1120")
     parser.add_argument("--language", default="auto", help="a locale such as en-US, or 'auto' to detect")
@@ -83,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="0.0.0.0", help="address of our SIP and RTP sockets")
     parser.add_argument("--port", type=int, default=0, help="our SIP port (0: a free one)")
     parser.add_argument("--advertise", default=None, help="address for Contact/SDP (default: the routed one)")
+    parser.add_argument("--tls-ca", default=None, help="CA file/directory a sips: peer's certificate must chain to")
+    parser.add_argument("--tls-no-verify", action="store_true", help="do not verify a sips: peer (lab use)")
     parser.add_argument("--ring-timeout", type=float, default=60.0, help="CANCEL after ringing this long")
     parser.add_argument("--max-call-secs", type=float, default=3600, help="hang up after this long (0: never)")
     parser.add_argument("--output", default="-", help="JSON-lines file to append transcripts to ('-': stdout)")
@@ -95,7 +100,7 @@ def check_args(args: argparse.Namespace) -> None:
     options.check_chunk_ms(args.chunk_ms)
     options.check_device(args.device)
     args.language = options.check_language(args.language or "auto", args.model)
-    args.uri = sip_uri(args.uri)
+    args.uri = sip_uri(args.uri, secure=True)
     if args.ring_timeout <= 0:
         raise ValueError("--ring-timeout must be more than 0 seconds")
 

@@ -58,6 +58,7 @@ class SIPCall:
         asserted = split_list(invite.get("P-Asserted-Identity") or "")
         self.asserted_identity = parse_address(asserted[0]).uri if asserted else None
         self.remote_address = source
+        self.pinned = False  # True: in-dialog requests go to remote_address whatever the route set (our TLS link)
         self.remote_tag = caller.tag or ""
         self.local_tag = new_tag()
         contact = [c for c in invite.get_all("Contact") if c != "*"]
@@ -103,7 +104,9 @@ class SIPCall:
         call.remote_target = parse_address(contact[0]).uri if contact else invite.uri
         call.route_set = list(reversed(answer.get_all("Record-Route")))
         call.remote_cseq, call.local_cseq = 0, invite.cseq[0]
-        if not call.route_set:
+        if server.wire.is_stream(destination):
+            call.pinned = True  # a connection we opened (TLS): every request of the call goes on it
+        elif not call.route_set:
             try:
                 host, port = uri_host_port(call.remote_target)
             except ValueError:
@@ -189,11 +192,13 @@ class SIPCall:
                 logger.exception(f"call {self.call_id}: releasing the admission reservation failed")
 
     def summary(self) -> str:
-        """The call's one log line: who, how it ended, how long, codec and RTP counts."""
+        """The call's one log line: who, how it ended, how long, codec (and SRTP) and RTP counts."""
         who = f"to {self.called_uri}" if self.direction == "outbound" else f"from {self.caller_uri}"
         talk = f"{self.ended_at - self.answered_at:.1f}s" if self.answered_at and self.ended_at else "-"
         codec = self.negotiated.codec if self.negotiated else "-"
         s = self.rtp.stats
+        if self.negotiated is not None and self.negotiated.srtp:
+            codec += f" SRTP ({s.srtp_dropped} dropped)"
         return (f"call {self.call_id} {who} at {self.remote_address[0]}:{self.remote_address[1]}: "
                 f"{self.outcome}; duration {talk}, {codec}, rtp in {s.packets_in} out {s.packets_out} "
                 f"ignored {s.ignored}, dtmf {s.dtmf_digits or '-'}")
@@ -289,10 +294,11 @@ def build_bye(call: SIPCall, *, via_host: str, via_port: int, protocol: str,
                            user_agent=user_agent)
 
 
-def build_ack(call: SIPCall, *, via_host: str, via_port: int, user_agent: str) -> tuple[SIPRequest, Address]:
+def build_ack(call: SIPCall, *, via_host: str, via_port: int, user_agent: str,
+              protocol: str = "UDP") -> tuple[SIPRequest, Address]:
     """Our ACK of the 2xx that answered our INVITE (RFC 3261 §13.2.2.4): in the dialog, the INVITE's CSeq."""
     return build_in_dialog(call, "ACK", call.invite.cseq[0], via_host=via_host, via_port=via_port,
-                           protocol="UDP", user_agent=user_agent)
+                           protocol=protocol, user_agent=user_agent)
 
 
 def build_in_dialog(call: SIPCall, method: str, cseq: int, *, via_host: str, via_port: int, protocol: str,
@@ -309,7 +315,7 @@ def build_in_dialog(call: SIPCall, method: str, cseq: int, *, via_host: str, via
     request.add("CSeq", f"{cseq} {method}")
     request.add("User-Agent", user_agent)
     destination = call.remote_address  # no proxy: back to where the INVITE came from (NAT-safe)
-    if call.route_set:
+    if call.route_set and not call.pinned:
         try:
             host, port = uri_host_port(parse_address(call.route_set[0]).uri)
         except (ValueError, SIPParseError):

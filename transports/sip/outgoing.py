@@ -1,9 +1,10 @@
 """Our own out-of-dialog requests (REGISTER, INVITE, CANCEL): where they go and how they start.
 
-A target is a ``sip:`` URI or ``host[:port]``; its host is used as it is when it is an IP literal, else looked up
-with ``loop.getaddrinfo`` (the resolver runs in the loop's executor, never blocking the event loop; A/AAAA only,
-no SRV/NAPTR). Requests carry a Via with a fresh branch and ``rport``, Max-Forwards, From/To/Call-ID/CSeq and our
-Contact (the address the registrar or peer reaches us at: the UAS's own socket).
+A target is a ``sip:`` URI or ``host[:port]`` (``sips:`` where the caller allows TLS: outbound calls); its host
+is used as it is when it is an IP literal, else looked up with ``loop.getaddrinfo`` (the resolver runs in the
+loop's executor, never blocking the event loop; A/AAAA only, no SRV/NAPTR; port 5060, 5061 for ``sips:``).
+Requests carry a Via with a fresh branch and ``rport``, Max-Forwards, From/To/Call-ID/CSeq and our Contact (the
+address the registrar or peer reaches us at: the UAS's own socket).
 """
 
 from __future__ import annotations
@@ -23,19 +24,27 @@ class SIPTargetError(ValueError):
     """A target that is not a usable ``sip:`` URI or host[:port], or a host that does not resolve."""
 
 
-def sip_uri(target: str) -> str:
-    """``target`` as a ``sip:`` URI (``host``, ``user@host:port`` and ``sip:…`` are accepted; ``sips:`` is not)."""
+def sip_uri(target: str, *, secure: bool = False) -> str:
+    """``target`` as a ``sip:`` URI (``host``, ``user@host:port`` and ``sip:…`` are accepted); ``sips:…`` too when
+    ``secure`` (the caller can reach it over TLS), else it is refused with what is supported."""
     target = target.strip()
-    if target.lower().startswith("sips:"):
-        raise SIPTargetError(f"{target!r}: sips: (TLS) is not supported by this client")
-    uri = target if target.lower().startswith("sip:") else f"sip:{target}"
+    scheme = "sips:" if target.lower().startswith("sips:") else "sip:"
+    if scheme == "sips:" and not secure:
+        raise SIPTargetError(f"{target!r}: sips: (TLS) is supported for outbound calls only, not here")
+    uri = target if target.lower().startswith(scheme) else f"{scheme}{target}"
     try:
         uri_host_port(uri)
     except SIPParseError as exc:
         raise SIPTargetError(f"{target!r} is not a SIP URI ({exc})") from None
     if any(c.isspace() or c in "<>\"" for c in uri):
         raise SIPTargetError(f"{target!r} is not a SIP URI")
-    return "sip:" + uri[4:]
+    return scheme + uri[len(scheme):]
+
+
+def is_secure(uri: str) -> bool:
+    """Whether requests to ``uri`` go over TLS: a ``sips:`` URI, or ``;transport=tls``."""
+    lowered = uri.lower()
+    return lowered.startswith("sips:") or ";transport=tls" in lowered
 
 
 def uri_user(uri: str) -> str | None:
@@ -47,8 +56,9 @@ def uri_user(uri: str) -> str | None:
 async def resolve(target: str, *, default_port: int = 5060, family: int = socket.AF_INET) -> Address:
     """(ip, port) of a ``sip:`` URI or host[:port]: IP literals as they are, names through ``loop.getaddrinfo``
     (in the executor). SIPTargetError when the name does not resolve."""
-    host, port = uri_host_port(sip_uri(target))
-    port = port or default_port
+    uri = sip_uri(target, secure=True)
+    host, port = uri_host_port(uri)
+    port = port or (5061 if is_secure(uri) else default_port)
     if is_ip_literal(host):
         return host, port
     loop = asyncio.get_running_loop()
@@ -67,11 +77,11 @@ def new_call_id(host: str) -> str:
 
 
 def new_request(method: str, uri: str, *, via: Address, from_: str, to: str, call_id: str, cseq: int,
-                contact: str | None, user_agent: str, routes: list[str] = ()) -> SIPRequest:
+                contact: str | None, user_agent: str, routes: list[str] = (), transport: str = "UDP") -> SIPRequest:
     """An out-of-dialog request with a fresh branch (a new transaction each time)."""
     host = f"[{via[0]}]" if ":" in via[0] else via[0]
     request = SIPRequest(method=method, uri=uri)
-    request.add("Via", f"SIP/2.0/UDP {host}:{via[1]};branch=z9hG4bK{secrets.token_hex(8)};rport")
+    request.add("Via", f"SIP/2.0/{transport} {host}:{via[1]};branch=z9hG4bK{secrets.token_hex(8)};rport")
     request.add("Max-Forwards", "70")
     for route in routes:
         request.add("Route", route)
@@ -85,9 +95,9 @@ def new_request(method: str, uri: str, *, via: Address, from_: str, to: str, cal
     return request
 
 
-def contact_uri(user: str, host: str, port: int) -> str:
+def contact_uri(user: str, host: str, port: int, *, secure: bool = False) -> str:
     host = f"[{host}]" if ":" in host else host
-    return f"sip:{user}@{host}:{port}"
+    return f"sips:{user}@{host}:{port}" if secure else f"sip:{user}@{host}:{port}"
 
 
 def same_contact(value: str, ours: str) -> bool:
@@ -99,5 +109,5 @@ def same_contact(value: str, ours: str) -> bool:
         return False
 
 
-__all__ = ["SIPTargetError", "contact_uri", "new_call_id", "new_request", "resolve", "same_contact", "sip_uri",
-           "uri_user"]
+__all__ = ["SIPTargetError", "contact_uri", "is_secure", "new_call_id", "new_request", "resolve", "same_contact",
+           "sip_uri", "uri_user"]

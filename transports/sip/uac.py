@@ -8,22 +8,33 @@ the provisional responses, CANCELs when nobody answers within ``ring_timeout``, 
 target from Contact. An answered call is a :class:`SIPCall` the server knows: the peer's BYE, re-INVITE and
 INFO are answered like those of an inbound call, ``SIPCallTransport(call=result.call)`` runs the pipeline, and an
 ``EndFrame`` (or ``call.hangup()``) sends our BYE. The outcome is a :class:`CallResult`; every dial logs one line.
+
+``sips:`` targets (or ``;transport=tls``, or a ``sips:`` outbound proxy) go over TLS: a connection opened with
+``tls.client_context`` (the peer's certificate and name verified unless ``tls_verify=False``; ``tls_ca`` for a
+private CA), our Via says TLS, our Contact is ``sips:`` at our TLS port, the offer is SDES-SRTP (RTP/SAVP, as
+``config.srtp_policy(secure=True)`` says: required unless the server's policy is set otherwise), and every
+request of the call (ACK, BYE) goes on that connection. A certificate that does not verify is a ``failed``
+outcome that says so; nothing is sent in clear.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from loguru import logger
 
 from .dialog import SIPCall, build_ack, new_tag
 from .digest import Credentials, DigestClient, SIPAuthError
 from .message import SIPRequest, SIPResponse
-from .outgoing import SIPTargetError, contact_uri, new_call_id, new_request, resolve, sip_uri
+from .message import uri_host_port
+from .outgoing import SIPTargetError, contact_uri, is_secure, new_call_id, new_request, resolve, sip_uri
 from .rtp import RtpSession
 from .sdp import SDPBuilder, SDPError, parse_sdp
+from .tls import client_context
 from .transaction import InviteClientTransaction
 from .uas import SIPUserAgentServer
 
@@ -72,26 +83,38 @@ class SIPUserAgentClient:
         from_uri: Our identity (From), e.g. ``sip:bot@pbx.example.com``; by default ``sip:USER@our-address``.
         display_name: Display name in From.
         user: User part of our Contact.
+        tls_ca: CA file or directory that a TLS peer's certificate must chain to (None: the system's CAs).
+        tls_verify: Verify a TLS peer's certificate and name (False only for a lab peer; logged as a warning).
     """
 
     def __init__(self, *, uas: SIPUserAgentServer, credentials: Credentials | None = None,
                  outbound_proxy: str | None = None, from_uri: str | None = None, display_name: str | None = None,
-                 user: str = "pipecat"):
+                 user: str = "pipecat", tls_ca: str | Path | None = None, tls_verify: bool = True):
         self.uas = uas
         self.credentials = credentials
-        self.outbound_proxy = sip_uri(outbound_proxy) if outbound_proxy else None
-        self.from_uri = sip_uri(from_uri) if from_uri else None
+        self.outbound_proxy = sip_uri(outbound_proxy, secure=True) if outbound_proxy else None
+        self.from_uri = sip_uri(from_uri, secure=True) if from_uri else None
         self.display_name = display_name
         self.user = user
+        self.tls_ca, self.tls_verify = tls_ca, tls_verify
+        self._tls_context: ssl.SSLContext | None = None  # made at the first TLS dial (it reads the CA files)
         self._tasks: set[asyncio.Task] = set()
 
     async def dial(self, uri: str, *, ring_timeout: float = 60.0) -> CallResult:
         """Call ``uri`` and wait until it is answered, refused or given up (``ring_timeout`` s of ringing)."""
         try:
-            uri = sip_uri(uri)
-            destination = await resolve(self.outbound_proxy or uri)
+            uri = sip_uri(uri, secure=True)
+            next_hop = self.outbound_proxy or uri
+            destination = await resolve(next_hop)
         except SIPTargetError as exc:
             return self._log(CallResult("failed", reason=str(exc)), uri, "-")
+        secure = is_secure(next_hop) or is_secure(uri)
+        if secure:
+            try:
+                destination = await self._connect_tls(next_hop, destination)
+            except (OSError, asyncio.TimeoutError) as exc:
+                return self._log(CallResult("failed", reason=f"TLS to {destination[0]}:{destination[1]}: "
+                                                             f"{_tls_error(exc)}"), uri, "-")
         rtp = RtpSession(signalling_host=destination[0], source_allowed=lambda ip: True)  # we chose this peer
         result = CallResult("failed", reason="not placed")
         call_id = "-"
@@ -99,10 +122,11 @@ class SIPUserAgentClient:
             host = self.uas.responses.contact_host(destination)
             bind = self.uas.address[0] if self.uas.address else host
             _, rtp_port = await rtp.open(host=bind, ports=self.uas.config.rtp_ports)
-            sdp = SDPBuilder(address=host, codecs=self.uas.config.codecs)  # what inbound calls accept
+            sdp = SDPBuilder(address=host, codecs=self.uas.config.codecs,  # what inbound calls accept
+                             srtp=self.uas.config.srtp_policy(secure))
             call_id = new_call_id(host)
             result = await self._invite(uri, destination, host, call_id, sdp, sdp.offer(port=rtp_port), rtp,
-                                        ring_timeout)
+                                        ring_timeout, secure)
         except OSError as exc:
             result = CallResult("failed", reason=f"no RTP port ({exc})")
         finally:
@@ -110,13 +134,21 @@ class SIPUserAgentClient:
                 rtp.close()
         return self._log(result, uri, call_id)
 
+    async def _connect_tls(self, next_hop: str, destination: Address) -> Address:
+        """The TLS connection to the next hop, its certificate checked against the hop's name (or IP)."""
+        if self._tls_context is None:
+            self._tls_context = await asyncio.to_thread(client_context, ca=self.tls_ca, verify=self.tls_verify)
+        name, _ = uri_host_port(next_hop)
+        return await self.uas.wire.connect_tls(destination, context=self._tls_context,
+                                               server_hostname=name.strip("[]"))
+
     def _log(self, result: CallResult, uri: str, call_id: str) -> CallResult:
         logger.info(f"call {call_id} to {uri}: {result}")
         return result
 
     async def _invite(self, uri: str, destination: Address, host: str, call_id: str, sdp: SDPBuilder, offer: str,
-                      rtp: RtpSession, ring_timeout: float) -> CallResult:
-        port = self.uas.port
+                      rtp: RtpSession, ring_timeout: float, secure: bool) -> CallResult:
+        port = self.uas.wire.port_for(destination)  # our TLS listener's port on a TLS connection
         ours = self.from_uri or contact_uri(self.user, host, port)
         name = f'"{self.display_name}" ' if self.display_name else ""
         from_ = f"{name}<{ours}>;tag={new_tag()}"
@@ -125,8 +157,9 @@ class SIPUserAgentClient:
         deadline = asyncio.get_running_loop().time() + ring_timeout
         for cseq in range(1, MAX_AUTH_ROUNDS + 2):
             invite = new_request("INVITE", uri, via=(host, port), from_=from_, to=f"<{uri}>", call_id=call_id,
-                                 cseq=cseq, contact=f"<{contact_uri(self.user, host, port)}>",
-                                 user_agent=self.uas.config.user_agent, routes=routes)
+                                 cseq=cseq, contact=f"<{contact_uri(self.user, host, port, secure=secure)}>",
+                                 user_agent=self.uas.config.user_agent, routes=routes,
+                                 transport="TLS" if secure else "UDP")
             for header, value in digest.headers("INVITE", uri):
                 invite.add(header, value)
             invite.add("Allow", "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, UPDATE")
@@ -203,7 +236,8 @@ class SIPUserAgentClient:
         rtp = rtp or RtpSession(signalling_host=destination[0], source_allowed=lambda ip: True)
         call = SIPCall.outbound(server=self.uas, invite=transaction.request, answer=response,
                                 destination=destination, rtp=rtp)
-        ack, ack_destination = build_ack(call, via_host=host, via_port=self.uas.port,
+        ack, ack_destination = build_ack(call, via_host=host, via_port=self.uas.wire.port_for(destination),
+                                         protocol=self.uas.wire.transport_of(destination).upper(),
                                          user_agent=self.uas.config.user_agent)
         transaction.acknowledge(response, ack.to_bytes(), ack_destination)
         call.sdp = sdp
@@ -221,6 +255,15 @@ class SIPUserAgentClient:
         rtp.start()
         self.uas.supervise(call)
         return CallResult("answered", response.status, response.reason, call)
+
+
+def _tls_error(exc: BaseException) -> str:
+    """What went wrong opening a TLS connection, in one line."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the peer's certificate was refused ({exc.verify_message or exc.reason})"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no TLS handshake in time"
+    return f"{type(exc).__name__}: {exc}"
 
 
 __all__ = ["CallResult", "SIPUserAgentClient"]

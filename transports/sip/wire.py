@@ -15,6 +15,11 @@ SIP over TLS (``config.tls_cert``): a TCP listener on ``config.tls_port`` whose 
 the same caps *before* the handshake, then upgraded with ``start_tls`` within ``config.tls_handshake_secs``; a
 handshake that fails (garbage, plain SIP, a wrong certificate) or times out closes the connection and is counted
 in ``tls_failures``. After the handshake a TLS connection is framed and limited exactly like a TCP one.
+
+Our own requests over TLS (outbound calls to ``sips:``): :meth:`SIPWire.connect_tls` opens a connection with a
+client context (the peer's certificate and name verified by default, ``tls.client_context``), reuses it while it
+is open, and reads it like an accepted one; ``send`` to that peer then writes on it, so responses, the ACK and
+in-dialog requests of the call travel on the connection and never fall back to clear-text UDP.
 """
 
 from __future__ import annotations
@@ -146,6 +151,7 @@ class SIPWire:
         self.tls_address: Address | None = None
         self.tls_failures = 0  # handshakes that failed or timed out (garbage, plain text, bad certificates)
         self._limiter = SourceRateLimiter(rate=config.udp_rate_per_source, burst=config.udp_burst_per_source)
+        self._opened: set[asyncio.Task] = set()  # the read loops of the TLS connections we opened
 
     @property
     def rate_limited(self) -> int:
@@ -236,6 +242,45 @@ class SIPWire:
         if peer in self._secure and self.tls_address is not None:
             return self.tls_address[1]
         return self.address[1] if self.address else self.config.port
+
+    # --- connections we open -----------------------------------------------------------------
+
+    async def connect_tls(self, destination: Address, *, context: ssl.SSLContext, server_hostname: str,
+                          timeout: float | None = None) -> Address:
+        """A TLS connection to ``destination`` (an IP literal and port) for our own requests, reused while open;
+        returns the peer address that ``send`` writes to. ``server_hostname``: the name (or IP) its certificate
+        must carry. Raises ``OSError`` (``ssl.SSLError`` for a refused certificate) or ``TimeoutError``."""
+        existing = self._streams.get(destination)
+        if existing is not None and not existing.is_closing() and destination in self._secure:
+            return destination
+        timeout = timeout or self.config.tls_handshake_secs
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            destination[0], destination[1], ssl=context, server_hostname=server_hostname, limit=MAX_MESSAGE_SIZE,
+            ssl_handshake_timeout=timeout), timeout + 1)
+        peer = writer.get_extra_info("peername")[:2]
+        self._streams[peer] = writer
+        self._secure.add(peer)
+        task = asyncio.get_running_loop().create_task(self._serve_opened(reader, writer, peer))
+        self._opened.add(task)
+        task.add_done_callback(self._opened.discard)
+        return peer
+
+    async def _serve_opened(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            peer: Address) -> None:
+        """Read a connection we opened until it ends (idle, unless a call lives on it: ``in_use``)."""
+        why = "closed by peer"
+        try:
+            why = await self._read_messages(reader, writer, peer)
+        except SIPParseError as exc:
+            why = f"malformed ({exc})"
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            why = "connection lost"
+        finally:
+            if self._streams.get(peer) is writer:
+                del self._streams[peer]
+                self._secure.discard(peer)
+            writer.close()
+        logger.debug(f"SIP over TLS to {peer[0]}:{peer[1]}: {why}")
 
     # --- sending ------------------------------------------------------------------------------
 
