@@ -75,3 +75,27 @@ async def test_a_certificate_that_does_not_verify_fails_the_call_and_sends_nothi
         assert result.outcome == "failed" and f"certificate was refused ({why}" in result.reason, result
         await until(lambda: callee.wire.tls_failures == 1)
         assert not calls and not caller.wire.connections  # nothing answered, no connection left open
+
+
+@pytest.mark.parametrize("peer", ["silent", "garbage"])
+async def test_a_peer_that_is_not_a_tls_server_fails_the_dial_in_bounded_time(peer):
+    """A port that accepts and says nothing (the handshake times out) or answers with plain junk: the dial fails
+    with the reason within the handshake bound, and no connection is left behind."""
+    async def accept(reader, writer):
+        if peer == "garbage":
+            writer.write(b"SIP/2.0 200 OK\r\n\r\n" + bytes(range(256)) * 4)
+        await asyncio.sleep(5)
+        writer.close()
+
+    server = await asyncio.start_server(accept, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with serving(tls_handshake_secs=0.5) as caller:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            result = await SIPUserAgentClient(uas=caller).dial(f"sips:bob@{HOST}:{port}")
+            assert result.outcome == "failed" and f"TLS to {HOST}:{port}: " in result.reason, result
+            assert ("no TLS handshake in time" in result.reason) == (peer == "silent"), result.reason
+            assert loop.time() - started < 2.0 and not caller.wire.connections
+    finally:
+        server.close()

@@ -261,7 +261,7 @@ def _tls_error(exc: BaseException) -> str:
     """What went wrong opening a TLS connection, in one line."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"the peer's certificate was refused ({exc.verify_message or exc.reason})"
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, asyncio.TimeoutError) or "handshake is taking longer" in str(exc):  # asyncio's own bound
         return "no TLS handshake in time"
     return f"{type(exc).__name__}: {exc}"
 
