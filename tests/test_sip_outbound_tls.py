@@ -99,3 +99,18 @@ async def test_a_peer_that_is_not_a_tls_server_fails_the_dial_in_bounded_time(pe
             assert loop.time() - started < 2.0 and not caller.wire.connections
     finally:
         server.close()
+
+
+async def test_calls_placed_at_once_to_one_peer_share_one_tls_connection(tmp_path):
+    """Three dials at the same moment: one handshake, one connection, three calls on it, each hung up on it."""
+    ca, cert, key = make_certificates(tmp_path / "pki")
+    calls, on_call = calls_recorder()
+    async with serving(on_call, tls_cert=str(cert), tls_key=str(key), tls_port=0) as callee, serving() as caller:
+        client = SIPUserAgentClient(uas=caller, tls_ca=str(ca))
+        target = f"sips:bob@{HOST}:{callee.wire.tls_address[1]}"
+        results = await asyncio.gather(*(client.dial(target, ring_timeout=5) for _ in range(3)))
+        assert all(r.answered for r in results), results
+        assert caller.wire.connections == 1 and callee.wire.connections == 1
+        assert len({r.call.remote_address for r in results}) == 1
+        await asyncio.gather(*(r.call.hangup("test done") for r in results))
+        await until(lambda: len(calls) == 3 and all(c.outcome == "caller hung up" for c in calls))

@@ -18,7 +18,7 @@ in ``tls_failures``. After the handshake a TLS connection is framed and limited 
 
 Our own requests over TLS (outbound calls to ``sips:``): :meth:`SIPWire.connect_tls` opens a connection with a
 client context (the peer's certificate and name verified by default, ``tls.client_context``), reuses it while it
-is open, and reads it like an accepted one; ``send`` to that peer then writes on it, so responses, the ACK and
+is open (dials at once to one peer share one handshake), and reads it like an accepted one; ``send`` to that peer then writes on it, so responses, the ACK and
 in-dialog requests of the call travel on the connection and never fall back to clear-text UDP.
 """
 
@@ -152,6 +152,7 @@ class SIPWire:
         self.tls_failures = 0  # handshakes that failed or timed out (garbage, plain text, bad certificates)
         self._limiter = SourceRateLimiter(rate=config.udp_rate_per_source, burst=config.udp_burst_per_source)
         self._opened: set[asyncio.Task] = set()  # the read loops of the TLS connections we opened
+        self._connecting: dict[Address, asyncio.Future] = {}  # TLS connections being opened, by destination
 
     @property
     def rate_limited(self) -> int:
@@ -253,7 +254,22 @@ class SIPWire:
         existing = self._streams.get(destination)
         if existing is not None and not existing.is_closing() and destination in self._secure:
             return destination
-        timeout = timeout or self.config.tls_handshake_secs
+        pending = self._connecting.get(destination)
+        if pending is not None:  # dials at once to one peer share one connection (and one handshake)
+            return await asyncio.shield(pending)
+        opening = asyncio.ensure_future(self._open_tls(destination, context, server_hostname,
+                                                       timeout or self.config.tls_handshake_secs))
+        self._connecting[destination] = opening
+        try:
+            return await asyncio.shield(opening)
+        finally:
+            if opening.done():
+                self._connecting.pop(destination, None)
+            else:  # we were cancelled: the others waiting on it still get it; it forgets itself when done
+                opening.add_done_callback(lambda _: self._connecting.pop(destination, None))
+
+    async def _open_tls(self, destination: Address, context: ssl.SSLContext, server_hostname: str,
+                        timeout: float) -> Address:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(
             destination[0], destination[1], ssl=context, server_hostname=server_hostname, limit=MAX_MESSAGE_SIZE,
             ssl_handshake_timeout=timeout), timeout + 1)
