@@ -77,6 +77,13 @@ async def test_a_certificate_that_does_not_verify_fails_the_call_and_sends_nothi
         assert not calls and not caller.wire.connections  # nothing answered, no connection left open
 
 
+async def test_an_unreadable_ca_file_fails_the_dial_with_the_reason(tmp_path):
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    async with serving() as caller:
+        result = await SIPUserAgentClient(uas=caller, tls_ca=str(tmp_path / "ca.pem")).dial(f"sips:bob@{HOST}:5061")
+    assert result.outcome == "failed" and "TLS CA" in result.reason and "ca.pem" in result.reason, result
+
+
 @pytest.mark.parametrize("peer", ["silent", "garbage"])
 async def test_a_peer_that_is_not_a_tls_server_fails_the_dial_in_bounded_time(peer):
     """A port that accepts and says nothing (the handshake times out) or answers with plain junk: the dial fails

@@ -29,12 +29,11 @@ from loguru import logger
 
 from .dialog import SIPCall, build_ack, new_tag
 from .digest import Credentials, DigestClient, SIPAuthError
-from .message import SIPRequest, SIPResponse
-from .message import uri_host_port
+from .message import SIPRequest, SIPResponse, uri_host_port
 from .outgoing import SIPTargetError, contact_uri, is_secure, new_call_id, new_request, resolve, sip_uri
 from .rtp import RtpSession
 from .sdp import SDPBuilder, SDPError, parse_sdp
-from .tls import client_context
+from .tls import TLSConfigError, client_context
 from .transaction import InviteClientTransaction
 from .uas import SIPUserAgentServer
 
@@ -112,7 +111,7 @@ class SIPUserAgentClient:
         if secure:
             try:
                 destination = await self._connect_tls(next_hop, destination)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (OSError, asyncio.TimeoutError, TLSConfigError) as exc:
                 return self._log(CallResult("failed", reason=f"TLS to {destination[0]}:{destination[1]}: "
                                                              f"{_tls_error(exc)}"), uri, "-")
         rtp = RtpSession(signalling_host=destination[0], source_allowed=lambda ip: True)  # we chose this peer
@@ -259,6 +258,8 @@ class SIPUserAgentClient:
 
 def _tls_error(exc: BaseException) -> str:
     """What went wrong opening a TLS connection, in one line."""
+    if isinstance(exc, TLSConfigError):
+        return str(exc)
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"the peer's certificate was refused ({exc.verify_message or exc.reason})"
     if isinstance(exc, asyncio.TimeoutError) or "handshake is taking longer" in str(exc):  # asyncio's own bound
