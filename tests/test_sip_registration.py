@@ -6,6 +6,7 @@ and stop() unregisters."""
 
 import asyncio
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from test_sip_outbound import HELDOUT, Kamailio, heldout_row, kamailio_config
 pytestmark = pytest.mark.skipif(not Path("/usr/sbin/kamailio").exists() and shutil.which("kamailio") is None,
                                 reason="kamailio missing: run scripts/setup-system.sh")
 REALM = "registrar.test"
+needs_tls_module = pytest.mark.skipif(not list(Path("/usr/lib").glob("*/kamailio/modules/tls.so")),
+                                      reason="Kamailio's tls module missing: run scripts/setup-system.sh")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -104,6 +107,94 @@ async def test_register_423_refresh_inbound_call_transcribed_and_unregister(tmp_
     assert calls[0].called_uri.startswith("sip:bot@")
     # 423 then 401 on the first attempt, refreshes re-used the nonce (nc counts up) with no new challenge
     assert "expires=2" in kamailio.log and registration.requests <= kamailio.count("REGISTER-SEEN")
+
+
+def tls_registrar(tmp_path: Path, cert: Path, key: Path) -> tuple[Kamailio, int, int]:
+    """The same registrar with a TLS listener too (Kamailio's tls module): (kamailio, UDP port, TLS port)."""
+    port, tls_port = free_port(), free_port(socket.SOCK_STREAM)
+    config = kamailio_config(tmp_path, proxy_port=port, callee_port=free_port(), users={"bot": "s3cret"},
+                             realm=REALM, min_expires=6)
+    (tmp_path / "tls.cfg").write_text(
+        f"[server:default]\nmethod = TLSv1.2+\nverify_certificate = no\nrequire_certificate = no\n"
+        f"private_key = {key}\ncertificate = {cert}\n\n"
+        f"[client:default]\nmethod = TLSv1.2+\nverify_certificate = no\nrequire_certificate = no\n")
+    text = config.read_text().replace(
+        "disable_tcp=yes", f"disable_tcp=no\nenable_tls=yes\nlisten=tls:127.0.0.1:{tls_port}\n"
+                           f"alias=127.0.0.1:{tls_port}")
+    text = text.replace('loadmodule "auth_db.so"', 'loadmodule "auth_db.so"\nloadmodule "tls.so"\n'
+                                                   f'modparam("tls", "config", "{tmp_path / "tls.cfg"}")')
+    config.write_text(text)
+    return Kamailio(config, tmp_path), port, tls_port
+
+
+@needs_tls_module
+async def test_register_over_tls_and_the_registrars_call_comes_down_our_connection_with_srtp(tmp_path):
+    """sips: registrar (Kamailio with TLS, its certificate verified against our test CA): REGISTER over TLS with a
+    `;transport=tls` Contact at our end of the connection; a baresip call to bot@registrar (RTP/SAVP) is sent to
+    us down that connection, answered with SRTP and transcribed; stop() unregisters over TLS."""
+    from pipecat.frames.frames import TranscriptionFrame
+
+    from pipecat_nemotron.engine import Engine
+    from pipecat_nemotron.stt import NemotronSTTService
+    from pipecat_nemotron.wav import read_wav
+    from test_demo_model import normalise
+    from test_sip_tls_wideband_peers import baresip_call
+    from test_sip_transcription import Collector, transcribe_call
+    from tls_support import make_certificates
+
+    ca, cert, key = make_certificates(tmp_path / "pki")
+    kamailio, port, tls_port = tls_registrar(tmp_path, cert, key)
+    engine = Engine(model="demo", chunk_ms=160, device="cpu", max_streams=2)
+    collector, calls = Collector(), []
+
+    async def on_call(call):
+        calls.append(call)
+        await transcribe_call(call, NemotronSTTService(engine=engine), collector)
+
+    row = heldout_row("en-US_00001.wav")
+    try:
+        # tcp_idle_secs=1: an idle connection is closed after 1 s; the registration's must stay (keep_open)
+        async with kamailio, sip_support.serving(on_call, port=free_port(), allowed_peers=(HOST,),
+                                                 tcp_idle_secs=1.0) as server:
+            registration = SIPRegistration(uas=server, aor=f"sip:bot@{HOST}", registrar=f"sips:{HOST}:{tls_port}",
+                                           credentials=Credentials("bot", "s3cret"), expires=60, tls_ca=str(ca))
+            registration.start()
+            await asyncio.wait_for(registration.registered.wait(), 10)
+            assert registration.contact.endswith(";transport=tls"), registration.contact
+            await engine.ready()
+            await asyncio.sleep(2.5)  # past the idle timeout: the connection is still there for the INVITE
+            output = await baresip_call(tmp_path, f"sip:bot@{HOST}:{port}", codecs="pcmu", rate=8000, channels=1,
+                                        samples=read_wav(HELDOUT / row["file"]).samples, mediaenc="srtp-mand")
+            await asyncio.sleep(0.5)
+            assert calls, output[-2000:] + kamailio.log[-3000:]
+            call = calls[0]
+            assert server.wire.is_secure(call.remote_address) and call.negotiated.srtp
+            assert call.rtp.stats.srtp_dropped == 0 and call.rtp.stats.packets_in > 100
+            assert call.outcome == "caller hung up", kamailio.log[-3000:]  # its BYE came down the connection too
+            await registration.stop()
+            assert "REGISTER-SEEN expires=0" in kamailio.log and registration.state == "unregistered"
+    finally:
+        engine.close()
+    finals = collector.of(TranscriptionFrame)
+    assert finals and normalise(finals[0].text) == normalise(row["text"])
+
+
+async def test_a_registrar_whose_certificate_does_not_verify_is_a_clear_failure_retried_with_backoff(tmp_path):
+    from tls_support import make_certificates
+
+    _, cert, key = make_certificates(tmp_path / "pki")
+    other_ca, _, _ = make_certificates(tmp_path / "other")
+    async with sip_support.serving(port=free_port(), tls_cert=str(cert), tls_key=str(key), tls_port=0) as pbx, \
+            sip_support.serving(port=free_port()) as server:  # a TLS listener standing in for the registrar
+        registration = SIPRegistration(uas=server, aor=f"sip:bot@{HOST}",
+                                       registrar=f"sips:{HOST}:{pbx.wire.tls_address[1]}",
+                                       credentials=Credentials("bot", "x"), expires=60, tls_ca=str(other_ca),
+                                       retry_min_secs=0.2, retry_max_secs=0.4)
+        registration.start()
+        await sip_support.until(lambda: pbx.wire.tls_failures >= 2, timeout=5)  # retried, with back-off
+        assert registration.state == "failed" and "certificate was refused" in registration.last_error
+        await registration.stop()
+    assert registration.state == "unregistered" and registration.requests == 0  # nothing sent in clear
 
 
 async def test_registrar_that_does_not_answer_is_retried_with_backoff():

@@ -251,7 +251,10 @@ def serve_sip(
     metrics_host: str = typer.Option("127.0.0.1", help=METRICS_HOST_HELP),
     register: Optional[str] = typer.Option(None, help="register as this address-of-record (sip:user@registrar) "
                                            "and keep it registered; calls to it arrive here"),
-    registrar: Optional[str] = typer.Option(None, show_default="the AOR's host", help="registrar host[:port]"),
+    registrar: Optional[str] = typer.Option(None, show_default="the AOR's host",
+                                            help="registrar host[:port], or sips:host[:port] for TLS"),
+    registrar_ca: Optional[Path] = typer.Option(None, exists=True, show_default="the system's CAs",
+                                                help="CA file a sips: registrar's certificate must chain to"),
     username: Optional[str] = typer.Option(None, show_default="$SIP_USERNAME, else the AOR's user",
                                            help="digest user name for --register"),
     password_env: str = typer.Option("SIP_PASSWORD", help="environment variable holding the digest password"),
@@ -283,9 +286,9 @@ def serve_sip(
         argv += ["--allow", network]
     if register is not None:
         argv += ["--register", register, "--password-env", password_env, "--register-expires", str(register_expires)]
-        for name, value in (("--registrar", registrar), ("--username", username)):
+        for name, value in (("--registrar", registrar), ("--username", username), ("--registrar-ca", registrar_ca)):
             if value is not None:
-                argv += [name, value]
+                argv += [name, str(value)]
     from .phone import main as phone_main
 
     phone_main(argv)

@@ -28,13 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--username", default=None, help="digest user name (default: $SIP_USERNAME or the AOR's)")
     parser.add_argument("--password-env", default="SIP_PASSWORD", help="environment variable with the password")
     parser.add_argument("--register-expires", type=int, default=300, help="registration lifetime asked for")
+    parser.add_argument("--registrar-ca", default=None,
+                        help="CA file a sips: registrar's certificate must chain to (default: the system's CAs)")
 
 
 def check(args: argparse.Namespace) -> None:
     """--register is a sip: AOR with a user; raises ValueError with what would work."""
     if getattr(args, "register", None) is None:
         return
-    args.register = sip_uri(args.register)
+    args.register = sip_uri(args.register, secure=True)
     if not uri_user(args.register):
         raise ValueError(f"--register {args.register}: needs a user (sip:user@registrar)")
     if args.password_env not in os.environ:
@@ -64,7 +66,7 @@ def start(args: argparse.Namespace, uas: SIPUserAgentServer) -> SIPRegistration 
     user = args.username or os.environ.get("SIP_USERNAME") or uri_user(args.register)
     credentials = Credentials(username=user, password=password) if password is not None else None
     registration = SIPRegistration(uas=uas, aor=args.register, registrar=args.registrar, credentials=credentials,
-                                   expires=args.register_expires)
+                                   expires=args.register_expires, tls_ca=getattr(args, "registrar_ca", None))
     registration.start()
     return registration
 

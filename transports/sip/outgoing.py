@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
+import ssl
+from pathlib import Path
 
 from .message import SIPParseError, SIPRequest, parse_address, uri_host_port
-from .wire import is_ip_literal
+from .tls import TLSConfigError, client_context
+from .wire import SIPWire, is_ip_literal
 
 Address = tuple[str, int]
 RESOLVE_TIMEOUT_SECS = 5.0
@@ -72,6 +75,43 @@ async def resolve(target: str, *, default_port: int = 5060, family: int = socket
     return infos[0][4][0], port
 
 
+class TLSConnector:
+    """TLS connections for our own requests (outbound calls, registration): one client context (the peer's
+    certificate must chain to ``ca``, the system's CAs by default, and name the host dialled, unless ``verify`` is
+    False), made at the first use off the event loop; connections reused while open (``SIPWire.connect_tls``)."""
+
+    def __init__(self, wire: SIPWire, *, ca: str | Path | None = None, verify: bool = True):
+        self.wire = wire
+        self.ca, self.verify = ca, verify
+        self._context: ssl.SSLContext | None = None
+
+    async def connect(self, next_hop: str, destination: Address) -> Address:
+        """The connection to ``destination``, the resolved ``next_hop`` URI whose host the certificate must name;
+        raises ``TLSConnectError`` saying why not."""
+        try:
+            if self._context is None:
+                self._context = await asyncio.to_thread(client_context, ca=self.ca, verify=self.verify)
+            name, _ = uri_host_port(next_hop)
+            return await self.wire.connect_tls(destination, context=self._context, server_hostname=name.strip("[]"))
+        except (OSError, asyncio.TimeoutError, TLSConfigError) as exc:
+            raise TLSConnectError(f"TLS to {destination[0]}:{destination[1]}: {_tls_failure(exc)}") from None
+
+
+class TLSConnectError(ConnectionError):
+    """A TLS connection for our request could not be had: refused certificate, no handshake in time, bad CA file."""
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """What went wrong opening a TLS connection, in one line."""
+    if isinstance(exc, TLSConfigError):
+        return str(exc)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the peer's certificate was refused ({exc.verify_message or exc.reason})"
+    if isinstance(exc, asyncio.TimeoutError) or "handshake is taking longer" in str(exc):  # asyncio's own bound
+        return "no TLS handshake in time"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def new_call_id(host: str) -> str:
     return f"{secrets.token_hex(12)}@{host}"
 
@@ -109,5 +149,5 @@ def same_contact(value: str, ours: str) -> bool:
         return False
 
 
-__all__ = ["SIPTargetError", "contact_uri", "is_secure", "new_call_id", "new_request", "resolve", "same_contact",
+__all__ = ["SIPTargetError", "TLSConnectError", "TLSConnector", "contact_uri", "is_secure", "new_call_id", "new_request", "resolve", "same_contact",
            "sip_uri", "uri_user"]

@@ -10,6 +10,12 @@ password never becomes a REGISTER storm. ``stop()`` unregisters (Expires: 0).
 
 Calls the registrar routes to us arrive at the UAS like any other INVITE (it does not check the Request-URI's
 user); the registrar must be in ``allowed_peers`` (``serve-sip --register`` adds it).
+
+A ``sips:`` registrar (or ``;transport=tls``) is reached over TLS (``outgoing.TLSConnector``: its certificate
+verified against ``tls_ca`` and its name), and that connection is kept open while registered: our Contact is
+``sips:`` at our TLS listener when the server has one, else ``sip:...;transport=tls`` at our end of the connection,
+so the registrar sends our calls down it (as Kamailio, Asterisk and FreeSWITCH do for a connection-oriented
+contact). Calls over TLS follow the server's SRTP policy (required by default).
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from loguru import logger
 
 from .digest import Credentials, DigestClient, SIPAuthError
 from .message import SIPResponse, parse_address
-from .outgoing import (SIPTargetError, contact_uri, new_call_id, new_request, resolve, same_contact, sip_uri,
-                       uri_user)
+from .outgoing import (SIPTargetError, TLSConnectError, TLSConnector, contact_uri, is_secure, new_call_id,
+                       new_request, resolve, same_contact, sip_uri, uri_user)
 from .uas import SIPUserAgentServer
 
 Address = tuple[str, int]
@@ -70,18 +76,23 @@ class SIPRegistration:
         expires: Lifetime asked for, in seconds.
         retry_min_secs, retry_max_secs: Back-off after a failure: doubling from the first, capped at the second.
         auth_retry_secs: Wait after refused credentials before trying again.
+        tls_ca, tls_verify: For a ``sips:`` registrar: the CA its certificate must chain to (None: the system's),
+            and whether to verify it at all (False only for a lab; logged as a warning).
     """
 
     def __init__(self, *, uas: SIPUserAgentServer, aor: str, registrar: str | None = None,
                  credentials: Credentials | None = None, expires: int = 300, retry_min_secs: float = 2.0,
-                 retry_max_secs: float = 300.0, auth_retry_secs: float = 60.0):
+                 retry_max_secs: float = 300.0, auth_retry_secs: float = 60.0, tls_ca: str | None = None,
+                 tls_verify: bool = True):
         self.uas = uas
-        self.aor = sip_uri(aor)
+        self.aor = sip_uri(aor, secure=True)
         self.user = uri_user(self.aor)
         if not self.user:
             raise SIPTargetError(f"{aor!r}: the address-of-record needs a user (sip:user@domain)")
         registrar = registrar or os.environ.get("SIP_REGISTRAR")
-        self.registrar = sip_uri(registrar) if registrar else "sip:" + self.aor.split("@", 1)[1]
+        self.registrar = sip_uri(registrar, secure=True) if registrar else \
+            self.aor.split(":", 1)[0] + ":" + self.aor.split("@", 1)[1]
+        self._tls = TLSConnector(uas.wire, ca=tls_ca, verify=tls_verify) if is_secure(self.registrar) else None
         self.credentials = credentials or Credentials.from_env(username=os.environ.get("SIP_USERNAME") or self.user)
         self.expires = expires
         self.retry_min_secs, self.retry_max_secs, self.auth_retry_secs = retry_min_secs, retry_max_secs, auth_retry_secs
@@ -96,7 +107,8 @@ class SIPRegistration:
         self._call_id: str | None = None
         self._from_tag = os.urandom(6).hex()
         self._cseq = 0
-        self._destination: Address | None = None
+        self._resolved: Address | None = None  # the registrar's address
+        self._destination: Address | None = None  # where REGISTER goes (over TLS: the connection's peer)
         self._task: asyncio.Task | None = None
 
     def __repr__(self) -> str:
@@ -121,6 +133,8 @@ class SIPRegistration:
                 logger.warning(f"SIP registration {self.aor}: unregister failed ({exc or 'timed out'})")
         self.state = "unregistered"
         self.registered.clear()
+        if self._tls is not None and self._destination is not None:
+            self.uas.wire.keep_open(self._destination, False)  # the idle timeout may close it now
 
     async def _run(self) -> None:
         failures = 0
@@ -159,16 +173,18 @@ class SIPRegistration:
 
     async def _register(self, expires: int) -> int:
         """One registration (or removal with 0): challenges and 423 answered; the granted lifetime."""
-        if self._destination is None:
-            self._destination = await resolve(self.registrar)
+        if self._resolved is None:
+            self._resolved = await resolve(self.registrar)
+        self._destination = await self._connect()
         host = self.uas.responses.contact_host(self._destination)
-        self.contact = contact_uri(self.user, host, self.uas.port)
+        port, self.contact = self._contact(host)
         self._call_id = self._call_id or new_call_id(host)  # one Call-ID for every REGISTER (§10.2.4)
         for _ in range(MAX_ROUNDS):
             self._cseq += 1
-            request = new_request("REGISTER", self.registrar, via=(host, self.uas.port),
+            request = new_request("REGISTER", self.registrar, via=(host, port),
                                   from_=f"<{self.aor}>;tag={self._from_tag}", to=f"<{self.aor}>", call_id=self._call_id,
-                                  cseq=self._cseq, contact=f"<{self.contact}>", user_agent=self.uas.config.user_agent)
+                                  cseq=self._cseq, contact=f"<{self.contact}>", user_agent=self.uas.config.user_agent,
+                                  transport="TLS" if self._tls else "UDP")
             request.add("Expires", str(expires))
             for header, value in self._digest.headers("REGISTER", self.registrar):
                 request.add(header, value)
@@ -197,6 +213,27 @@ class SIPRegistration:
             raise RegistrationError(f"{response.status} {response.reason}",
                                     retry_after=_seconds(response.get("Retry-After")))
         raise RegistrationError("too many challenges or 423s in a row")
+
+    async def _connect(self) -> Address:
+        """Where REGISTER goes: the registrar's address, or our TLS connection to it (opened again if it closed)."""
+        if self._tls is None:
+            return self._resolved
+        try:
+            peer = await self._tls.connect(self.registrar, self._resolved)
+        except TLSConnectError as exc:
+            raise RegistrationError(str(exc)) from None
+        self.uas.wire.keep_open(peer)
+        return peer
+
+    def _contact(self, host: str) -> tuple[int, str]:
+        """(our Via port, our Contact): the server's own socket, or over TLS its TLS listener, else our end of the
+        connection (the registrar sends our calls down it)."""
+        if self._tls is None:
+            return self.uas.port, contact_uri(self.user, host, self.uas.port)
+        port = self.uas.wire.port_for(self._destination)
+        if self.uas.wire.tls_address is not None:
+            return port, contact_uri(self.user, host, port, secure=True)
+        return port, contact_uri(self.user, host, port) + ";transport=tls"
 
 
 __all__ = ["RegistrationError", "SIPRegistration", "granted_expires"]

@@ -20,7 +20,6 @@ outcome that says so; nothing is sent in clear.
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,11 @@ from loguru import logger
 
 from .dialog import SIPCall, build_ack, new_tag
 from .digest import Credentials, DigestClient, SIPAuthError
-from .message import SIPRequest, SIPResponse, uri_host_port
-from .outgoing import SIPTargetError, contact_uri, is_secure, new_call_id, new_request, resolve, sip_uri
+from .message import SIPRequest, SIPResponse
+from .outgoing import (SIPTargetError, TLSConnectError, TLSConnector, contact_uri, is_secure, new_call_id,
+                       new_request, resolve, sip_uri)
 from .rtp import RtpSession
 from .sdp import SDPBuilder, SDPError, parse_sdp
-from .tls import TLSConfigError, client_context
 from .transaction import InviteClientTransaction
 from .uas import SIPUserAgentServer
 
@@ -95,8 +94,7 @@ class SIPUserAgentClient:
         self.from_uri = sip_uri(from_uri, secure=True) if from_uri else None
         self.display_name = display_name
         self.user = user
-        self.tls_ca, self.tls_verify = tls_ca, tls_verify
-        self._tls_context: ssl.SSLContext | None = None  # made at the first TLS dial (it reads the CA files)
+        self._tls = TLSConnector(uas.wire, ca=tls_ca, verify=tls_verify)
         self._tasks: set[asyncio.Task] = set()
 
     async def dial(self, uri: str, *, ring_timeout: float = 60.0) -> CallResult:
@@ -110,10 +108,9 @@ class SIPUserAgentClient:
         secure = is_secure(next_hop) or is_secure(uri)
         if secure:
             try:
-                destination = await self._connect_tls(next_hop, destination)
-            except (OSError, asyncio.TimeoutError, TLSConfigError) as exc:
-                return self._log(CallResult("failed", reason=f"TLS to {destination[0]}:{destination[1]}: "
-                                                             f"{_tls_error(exc)}"), uri, "-")
+                destination = await self._tls.connect(next_hop, destination)
+            except TLSConnectError as exc:
+                return self._log(CallResult("failed", reason=str(exc)), uri, "-")
         rtp = RtpSession(signalling_host=destination[0], source_allowed=lambda ip: True)  # we chose this peer
         result = CallResult("failed", reason="not placed")
         call_id = "-"
@@ -132,14 +129,6 @@ class SIPUserAgentClient:
             if not result.answered:
                 rtp.close()
         return self._log(result, uri, call_id)
-
-    async def _connect_tls(self, next_hop: str, destination: Address) -> Address:
-        """The TLS connection to the next hop, its certificate checked against the hop's name (or IP)."""
-        if self._tls_context is None:
-            self._tls_context = await asyncio.to_thread(client_context, ca=self.tls_ca, verify=self.tls_verify)
-        name, _ = uri_host_port(next_hop)
-        return await self.uas.wire.connect_tls(destination, context=self._tls_context,
-                                               server_hostname=name.strip("[]"))
 
     def _log(self, result: CallResult, uri: str, call_id: str) -> CallResult:
         logger.info(f"call {call_id} to {uri}: {result}")
@@ -254,17 +243,6 @@ class SIPUserAgentClient:
         rtp.start()
         self.uas.supervise(call)
         return CallResult("answered", response.status, response.reason, call)
-
-
-def _tls_error(exc: BaseException) -> str:
-    """What went wrong opening a TLS connection, in one line."""
-    if isinstance(exc, TLSConfigError):
-        return str(exc)
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"the peer's certificate was refused ({exc.verify_message or exc.reason})"
-    if isinstance(exc, asyncio.TimeoutError) or "handshake is taking longer" in str(exc):  # asyncio's own bound
-        return "no TLS handshake in time"
-    return f"{type(exc).__name__}: {exc}"
 
 
 __all__ = ["CallResult", "SIPUserAgentClient"]

@@ -153,6 +153,7 @@ class SIPWire:
         self._limiter = SourceRateLimiter(rate=config.udp_rate_per_source, burst=config.udp_burst_per_source)
         self._opened: set[asyncio.Task] = set()  # the read loops of the TLS connections we opened
         self._connecting: dict[Address, asyncio.Future] = {}  # TLS connections being opened, by destination
+        self._kept: set[Address] = set()  # connections we opened that stay open while idle (keep_open)
 
     @property
     def rate_limited(self) -> int:
@@ -239,9 +240,15 @@ class SIPWire:
         return "tls" if peer in self._secure else "tcp" if peer in self._streams else "udp"
 
     def port_for(self, peer: Address) -> int:
-        """Our listening port for messages to ``peer``: the TLS port for a TLS connection, else the SIP port."""
-        if peer in self._secure and self.tls_address is not None:
-            return self.tls_address[1]
+        """Our port for Via and Contact in messages to ``peer``: on a TLS connection our TLS listener's, else (a
+        connection we opened, with no listener) our end of it, which the peer can only reach down that connection;
+        else the SIP port."""
+        if peer in self._secure:
+            if self.tls_address is not None:
+                return self.tls_address[1]
+            local = self.local_port(peer)
+            if local is not None:
+                return local
         return self.address[1] if self.address else self.config.port
 
     # --- connections we open -----------------------------------------------------------------
@@ -281,6 +288,19 @@ class SIPWire:
         task.add_done_callback(self._opened.discard)
         return peer
 
+    def keep_open(self, peer: Address, keep: bool = True) -> None:
+        """Keep a connection we opened while it is idle (a registration's: the registrar sends our calls down it),
+        or let the idle timeout close it again."""
+        if keep:
+            self._kept.add(peer)
+        else:
+            self._kept.discard(peer)
+
+    def local_port(self, peer: Address) -> int | None:
+        """Our port on the connection with ``peer`` (for a Contact a registrar reaches us at through it)."""
+        stream = self._streams.get(peer)
+        return stream.get_extra_info("sockname")[1] if stream is not None else None
+
     async def _serve_opened(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             peer: Address) -> None:
         """Read a connection we opened until it ends (idle, unless a call lives on it: ``in_use``)."""
@@ -295,6 +315,7 @@ class SIPWire:
             if self._streams.get(peer) is writer:
                 del self._streams[peer]
                 self._secure.discard(peer)
+                self._kept.discard(peer)
             writer.close()
         logger.debug(f"SIP over TLS to {peer[0]}:{peer[1]}: {why}")
 
@@ -408,8 +429,8 @@ class SIPWire:
             try:
                 data = await asyncio.wait_for(reader.read(65536), max(timeout, 0.0))
             except asyncio.TimeoutError:
-                if message_deadline is None and self.in_use(peer):
-                    continue  # idle, but a call lives on this connection
+                if message_deadline is None and (self.in_use(peer) or peer in self._kept):
+                    continue  # idle, but a call (or a registration) lives on this connection
                 logger.info(f"SIP over TCP from {peer[0]}:{peer[1]}: {limit}; closing")
                 return limit
             if not data:
