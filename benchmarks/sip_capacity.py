@@ -10,6 +10,12 @@ process and event loop, so the figure is on the safe side of what a node behind 
 
     .venv/bin/python benchmarks/sip_capacity.py --calls 4 8 12 16 --runs 3
     .venv/bin/python benchmarks/sip_capacity.py --calls 24 32 40 --runs 5 --name sip_capacity_demo_node
+    .venv/bin/python benchmarks/sip_capacity.py --geometry 0.6b --precision int8 --calls 1 2 3 4 \
+        --name sip_capacity_0.6b_int8
+
+`--geometry 0.6b`: the real architecture with random weights (`common.build_random_model`, at most one token per
+frame), served by an engine of its own behind serve-sip's per-call pipeline (the transcripts are noise; the lag and
+the latencies are what is measured), with the engine's default thread count, as `serve-sip` runs it.
 """
 
 from __future__ import annotations
@@ -39,17 +45,28 @@ def free_udp_port() -> int:
         return probe.getsockname()[1]
 
 
-async def one_size(calls: int, runs: int, chunk_ms: int, console: Console) -> dict:
+async def one_size(calls: int, runs: int, chunk_ms: int, console: Console, *, model=None,
+                   precision: str = "fp32") -> dict:
+    """``model`` None: serve-sip with the demo model as a user runs it; else that model object on an engine of its
+    own, handed to serve-sip's per-call pipeline (``stt_factory``)."""
     from pipecat_nemotron.apps import phone
     from pipecat_nemotron.engine import Engine
+    from pipecat_nemotron.stt import NemotronSTTService
 
     port = free_udp_port()
     args = phone.parse_args(["--model", "demo", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-                             "--max-calls", str(calls), "--chunk-ms", str(chunk_ms)])
+                             "--max-calls", str(calls), "--chunk-ms", str(chunk_ms), "--precision", precision])
     out, ready = io.StringIO(), asyncio.Event()
-    server = asyncio.ensure_future(phone.serve(args, out=out, ready=ready))
+    stt_factory = None
+    if model is not None:
+        own = Engine(model=model, chunk_ms=chunk_ms, device="cpu", max_streams=calls, precision=precision)
+        await own.ready()
+        await own.warm_up()
+        stt_factory = lambda call: NemotronSTTService(engine=own, chunk_ms=chunk_ms)  # noqa: E731
+    server = asyncio.ensure_future(phone.serve(args, out=out, ready=ready, stt_factory=stt_factory))
     await asyncio.wait_for(ready.wait(), 180)
-    engine = Engine.shared(model="demo", chunk_ms=chunk_ms, device="cpu", max_streams=calls)
+    engine = own if model is not None else Engine.shared(model="demo", chunk_ms=chunk_ms, device="cpu",
+                                                          max_streams=calls, precision=precision)
     files = sorted(HELDOUT.glob("*.wav"))
     lags, latencies, refused, dropped, audio_s = [], [], 0, 0, 0.0
     try:
@@ -72,7 +89,8 @@ async def one_size(calls: int, runs: int, chunk_ms: int, console: Console) -> di
         await asyncio.gather(server, return_exceptions=True)
         engine.close()
     latencies.sort()
-    return {"calls": calls, "runs": runs, "median_worst_lag_s": statistics.median(lags), "worst_lags_s": lags,
+    return {"calls": calls, "runs": runs, "engine_threads": engine.threads,
+            "median_worst_lag_s": statistics.median(lags), "worst_lags_s": lags,
             "final_latency_p50_ms": latencies[len(latencies) // 2] if latencies else None,
             "final_latency_p95_ms": latencies[int(len(latencies) * 0.95)] if latencies else None,
             "refused": refused, "dropped": dropped, "audio_s": round(audio_s, 1),
@@ -84,14 +102,26 @@ async def main(argv=None) -> None:
     parser.add_argument("--calls", type=int, nargs="+", default=[4, 8, 12, 16])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--chunk-ms", type=int, default=160)
-    parser.add_argument("--name", default="sip_capacity_demo")
+    parser.add_argument("--name", default=None, help="result file name (default: sip_capacity_<geometry>)")
+    parser.add_argument("--geometry", choices=["demo", "0.6b"], default="demo",
+                        help="the demo model, or the 0.6B architecture with random weights")
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
     args = parser.parse_args(argv)
+    name = args.name or f"sip_capacity_{args.geometry}"
+    what = "demo model" if args.geometry == "demo" else "0.6B architecture (random weights)"
+    what += f", {args.precision}"
     console = Console()
+    model = None
+    if args.geometry != "demo":
+        from common import build_random_model
+
+        console.print(f"building the {args.geometry} architecture ...")
+        model, _ = build_random_model(args.geometry)
     rows = []
     for calls in args.calls:
-        rows.append(await one_size(calls, args.runs, args.chunk_ms, console))
+        rows.append(await one_size(calls, args.runs, args.chunk_ms, console, model=model, precision=args.precision))
     held = [row["calls"] for row in rows if row["holds"]]
-    table = Table(title=f"serve-sip capacity, demo model, {args.chunk_ms} ms chunks (median of {args.runs} runs)")
+    table = Table(title=f"serve-sip capacity, {what}, {args.chunk_ms} ms chunks (median of {args.runs} runs)")
     for column in ("calls", "worst lag (median)", "worst lags", "final p50 / p95 ms", "refused", "dropped", "holds"):
         table.add_column(column)
     for row in rows:
@@ -102,8 +132,9 @@ async def main(argv=None) -> None:
     console.print(table)
     capacity = max(held) if held else 0
     info = machine()
-    markdown = [f"# serve-sip capacity: demo model, {args.chunk_ms} ms chunks", "",
-                f"{info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}, GPU {info['gpu']}, "
+    markdown = [f"# serve-sip capacity: {what}, {args.chunk_ms} ms chunks", "",
+                f"{info['cpu']}, {info['cores']} cores, engine threads {rows[0]['engine_threads']} (serve-sip's "
+                f"default), GPU {info['gpu']}, "
                 f"{info['date']}. Real SIP calls over loopback (PCMU RTP in real time), N callers at once, "
                 f"{args.runs} runs per N. A node holds N when the median worst audio lag is ≤ {LAG_LIMIT_S} s and "
                 "no call is refused or dropped.", "",
@@ -116,8 +147,9 @@ async def main(argv=None) -> None:
                         f"{row['final_latency_p50_ms']} / {row['final_latency_p95_ms']} ms | {row['refused']} | "
                         f"{row['dropped']} | {'yes' if row['holds'] else 'no'} |")
     markdown += ["", f"**Capacity: {capacity} concurrent calls** per node at {args.chunk_ms} ms on this machine."]
-    path = write_results(args.name, {"machine": info, "chunk_ms": args.chunk_ms, "rows": rows,
-                                     "capacity": capacity, "lag_limit_s": LAG_LIMIT_S}, "\n".join(markdown))
+    path = write_results(name, {"machine": info, "chunk_ms": args.chunk_ms, "rows": rows, "geometry": args.geometry,
+                                "precision": args.precision, "capacity": capacity, "lag_limit_s": LAG_LIMIT_S},
+                         "\n".join(markdown))
     console.print(f"capacity {capacity}; written to {path}")
 
 

@@ -58,3 +58,15 @@ async def test_serve_webrtc_refuses_a_public_address_before_loading(monkeypatch)
         await webrtc_server.serve_webrtc(host="0.0.0.0", model="demo")
     with pytest.raises(AssertionError, match="model load"):  # loopback and allow_remote=True go on to the server
         await webrtc_server.serve_webrtc(host="192.0.2.1", model="demo", allow_remote=True)
+
+
+def test_max_calls_defaults_are_the_measured_capacities():
+    """serve-sip's --max-calls (and serve-riva's --max-streams) default to what benchmarks/sip_capacity.py measured
+    on a 2-core CPU: 24 for the demo model, 3 for the 0.6B model in int8, 1 in fp32 (it cannot keep up with one)."""
+    from pipecat_nemotron.apps.phone import default_max_calls
+
+    model = "nvidia/nemotron-3.5-asr-streaming-0.6b"
+    assert default_max_calls("demo", "cpu")[0] == 24
+    assert default_max_calls(model, "cpu", "int8") == (3, default_max_calls(model, "cpu", "int8")[1])
+    assert "int8" in default_max_calls(model, "cpu", "int8")[1]
+    assert default_max_calls(model, "cpu")[0] == 1 and "--precision int8" in default_max_calls(model, "cpu")[1]

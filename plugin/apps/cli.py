@@ -226,7 +226,8 @@ def serve_sip(
                                           help="CPU threads of the model"),
     precision: str = typer.Option("fp32", help=PRECISION_HELP, callback=_precision),
     max_calls: Optional[int] = typer.Option(None, min=1, show_default="the measured capacity: 24 for the demo "
-                                            "model on a 2-core CPU", help="concurrent calls; 503 + Retry-After beyond"),
+                                            "model on a 2-core CPU; 0.6B: 3 in int8, 1 in fp32",
+                                            help="concurrent calls; 503 + Retry-After beyond"),
     allow: List[str] = typer.Option([], "--allow", show_default="loopback and private networks only",
                                     help="peer address or network that may call (repeat); 'any' for everyone"),
     max_call_secs: float = typer.Option(3600, min=0, help="hang up after this long (0: never)"),
@@ -345,7 +346,7 @@ def serve_riva(
     chunk_ms: int = typer.Option(160, help=CHUNK_HELP, callback=_chunk_ms),
     device: str = typer.Option("auto", help=DEVICE_HELP, callback=_device),
     max_streams: Optional[int] = typer.Option(None, min=1, show_default="the measured capacity: 24 for the demo "
-                                              "model on a 2-core CPU, 1 for the 0.6B model on a CPU",
+                                              "model on a 2-core CPU; 0.6B on a CPU: 3 in int8, 1 in fp32",
                                               help="client streams at once; beyond it RESOURCE_EXHAUSTED"),
     threads: Optional[int] = typer.Option(None, min=1, show_default="CPUs - 1, at least 1",
                                           help="CPU threads of the model"),
@@ -369,7 +370,7 @@ def serve_riva(
 
     if (tls_cert is None) != (tls_key is None):
         _fail("TLS needs both --tls-cert and --tls-key")
-    streams = max_streams or default_max_calls(model, device)[0]
+    streams = max_streams or default_max_calls(model, device, precision)[0]
     run_riva_server(host=host, port=port, model=model, chunk_ms=chunk_ms, device=device, max_streams=streams,
                     threads=threads, precision=precision, drain_timeout=drain_timeout, metrics_port=metrics_port,
                     metrics_host=metrics_host,

@@ -54,14 +54,18 @@ OUTPUT_CHUNK_SAMPLES = 320  # pipecat's output sends whole 40 ms chunks at 8 kHz
 # SIP calls (PCMU in real time, held-out speech) on a 2-core CPU at 160 ms chunks, 3 runs each
 # (benchmarks/results/sip_capacity_demo.md): 24 calls kept the worst audio lag at 0.08-0.11 s (final p95 84 ms);
 # 32 passed on the median (0.21 s) but one run lagged 0.61 s and final p95 was 0.53 s; 48 lagged 1.7-2.6 s. So 24.
-# Larger chunks cost less per audio-second, so it is a floor for them. The 0.6B model steps 0.17 audio-s/s on
-# that CPU (batch 1): not even one call keeps up, so on a CPU it gets one call. On a GPU it is not measured (none was lent): the engine's default slot count,
-# with the engine's lag-based admission (503 while it lags > 2 s) as the guard. Pass --max-calls to override.
+# Larger chunks cost less per audio-second, so it is a floor for them. The 0.6B model in fp32 steps 0.61 audio-s/s
+# on that CPU (fast step, batch 1): not even one call keeps up, so it gets one call. In int8 serve-sip held 3 calls
+# (worst lag 0.43 s, final p95 443 ms) and not 4 (0.62 s), in two runs of sip_capacity.py --geometry 0.6b
+# --precision int8: the architecture with random weights (benchmarks/results/sip_capacity_0.6b_int8.md). On a GPU
+# it is not measured (none was lent): the engine's default slot count, with the engine's lag-based admission (503
+# while it lags > 2 s) as the guard. Pass --max-calls to override.
 DEMO_CPU_MAX_CALLS = 24
 UNMEASURED_GPU_MAX_CALLS = 64
+INT8_CPU_MAX_CALLS = 3  # the 0.6B architecture, --precision int8, 160 ms, 2-core CPU (sip_capacity_0.6b_int8.md)
 
 
-def default_max_calls(model: str, device: str) -> tuple[int, str]:
+def default_max_calls(model: str, device: str, precision: str = "fp32") -> tuple[int, str]:
     """(calls, where the figure comes from) for serve-sip's --max-calls default."""
     from ..engine.loader import resolve_device
 
@@ -71,7 +75,10 @@ def default_max_calls(model: str, device: str) -> tuple[int, str]:
     if on_gpu:
         return (UNMEASURED_GPU_MAX_CALLS,
                 "not measured on a GPU yet; run benchmarks/sip_capacity.py and pass --max-calls")
-    return 1, "the 0.6B model does not keep up with even one call on a small CPU; use a GPU"
+    if precision == "int8":
+        return INT8_CPU_MAX_CALLS, ("measured for the 0.6B architecture in int8 on a 2-core CPU at 160 ms "
+                                    "(benchmarks/sip_capacity.py --geometry 0.6b --precision int8); measure yours")
+    return 1, "the 0.6B model in fp32 does not keep up with even one call on a small CPU; use --precision int8 or a GPU"
 
 
 class TranscriptWriter(FrameProcessor):
@@ -206,7 +213,7 @@ async def _serve(args: argparse.Namespace, *, stt_factory, out: IO[str] | None, 
                  drain: Drain, metrics: ServerMetrics, node: SimpleNamespace, freeze_heap: bool) -> None:
     out = out or (sys.stdout if args.output == "-" else open(args.output, "a", encoding="utf-8"))
     if args.max_calls is None:
-        args.max_calls, source = default_max_calls(args.model, args.device)
+        args.max_calls, source = default_max_calls(args.model, args.device, args.precision)
         logger.info(f"--max-calls {args.max_calls}: {source}")
     engine = None
     if stt_factory is None:

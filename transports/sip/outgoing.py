@@ -149,5 +149,5 @@ def same_contact(value: str, ours: str) -> bool:
         return False
 
 
-__all__ = ["SIPTargetError", "TLSConnectError", "TLSConnector", "contact_uri", "is_secure", "new_call_id", "new_request", "resolve", "same_contact",
-           "sip_uri", "uri_user"]
+__all__ = ["SIPTargetError", "TLSConnectError", "TLSConnector", "contact_uri", "is_secure", "new_call_id",
+           "new_request", "resolve", "same_contact", "sip_uri", "uri_user"]

@@ -16,10 +16,11 @@ the same caps *before* the handshake, then upgraded with ``start_tls`` within ``
 handshake that fails (garbage, plain SIP, a wrong certificate) or times out closes the connection and is counted
 in ``tls_failures``. After the handshake a TLS connection is framed and limited exactly like a TCP one.
 
-Our own requests over TLS (outbound calls to ``sips:``): :meth:`SIPWire.connect_tls` opens a connection with a
-client context (the peer's certificate and name verified by default, ``tls.client_context``), reuses it while it
-is open (dials at once to one peer share one handshake), and reads it like an accepted one; ``send`` to that peer then writes on it, so responses, the ACK and
-in-dialog requests of the call travel on the connection and never fall back to clear-text UDP.
+Our own requests over TLS (outbound calls to ``sips:``, a ``sips:`` registrar): :meth:`SIPWire.connect_tls` opens
+a connection with a client context (the peer's certificate and name verified by default, ``tls.client_context``),
+reuses it while it is open (dials at once to one peer share one handshake), and reads it like an accepted one;
+``send`` to that peer then writes on it, so responses, the ACK and in-dialog requests of the call travel on the
+connection and never fall back to clear-text UDP. ``keep_open`` spares a registration's connection the idle timeout.
 """
 
 from __future__ import annotations
