@@ -44,8 +44,10 @@ async def test_call_transcribes_the_callee_and_exits_0(tmp_path, secure):
 
     row = heldout_row("en-US_00001.wav")
     wav = read_wav(HELDOUT / row["file"])
+    # 0.5 s + the utterance + 10 s of silence: longer than --max-call-secs 9, so our hang-up always comes first (a 5 s
+    # tail ended the file at ~9.04 s, racing the 9 s bound: baresip's own hang-up won once)
     write_wav(tmp_path / "callee.wav", np.concatenate([np.zeros(4000, dtype=np.int16), wav.samples,
-                                                       np.zeros(40000, dtype=np.int16)]).astype("<i2"))
+                                                       np.zeros(80000, dtype=np.int16)]).astype("<i2"))
     config_dir, sip_port = write_callee_config(tmp_path, tmp_path / "callee.wav")
     target, extra = f"sip:callee@{HOST}:{sip_port}", []
     if secure:  # baresip listens for TLS on its SIP port + 1 and, with srtp-mand, takes RTP/SAVP only

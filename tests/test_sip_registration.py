@@ -128,10 +128,12 @@ def tls_registrar(tmp_path: Path, cert: Path, key: Path) -> tuple[Kamailio, int,
 
 
 @needs_tls_module
-async def test_register_over_tls_and_the_registrars_call_comes_down_our_connection_with_srtp(tmp_path):
+@pytest.mark.parametrize("listener", [False, True], ids=["no-listener", "own-listener"])
+async def test_register_over_tls_and_the_registrars_call_comes_down_our_connection_with_srtp(tmp_path, listener):
     """sips: registrar (Kamailio with TLS, its certificate verified against our test CA): REGISTER over TLS with a
-    `;transport=tls` Contact at our end of the connection; a baresip call to bot@registrar (RTP/SAVP) is sent to
-    us down that connection, answered with SRTP and transcribed; stop() unregisters over TLS."""
+    `;transport=tls` Contact at our end of the connection (or, when we have a TLS listener, a `sips:` Contact at
+    it); a baresip call to bot@registrar (RTP/SAVP) reaches us over TLS (down our connection, or to our listener),
+    is answered with SRTP and transcribed; stop() unregisters over TLS."""
     from pipecat.frames.frames import TranscriptionFrame
 
     from pipecat_nemotron.engine import Engine
@@ -154,13 +156,17 @@ async def test_register_over_tls_and_the_registrars_call_comes_down_our_connecti
     row = heldout_row("en-US_00001.wav")
     try:
         # tcp_idle_secs=1: an idle connection is closed after 1 s; the registration's must stay (keep_open)
+        own = dict(tls_cert=str(cert), tls_key=str(key), tls_port=0) if listener else {}
         async with kamailio, sip_support.serving(on_call, port=free_port(), allowed_peers=(HOST,),
-                                                 tcp_idle_secs=1.0) as server:
+                                                 tcp_idle_secs=1.0, **own) as server:
             registration = SIPRegistration(uas=server, aor=f"sip:bot@{HOST}", registrar=f"sips:{HOST}:{tls_port}",
                                            credentials=Credentials("bot", "s3cret"), expires=60, tls_ca=str(ca))
             registration.start()
             await asyncio.wait_for(registration.registered.wait(), 10)
-            assert registration.contact.endswith(";transport=tls"), registration.contact
+            if listener:
+                assert registration.contact == f"sips:bot@{HOST}:{server.wire.tls_address[1]}", registration.contact
+            else:
+                assert registration.contact.endswith(";transport=tls"), registration.contact
             await engine.ready()
             await asyncio.sleep(2.5)  # past the idle timeout: the connection is still there for the INVITE
             output = await baresip_call(tmp_path, f"sip:bot@{HOST}:{port}", codecs="pcmu", rate=8000, channels=1,
@@ -168,7 +174,8 @@ async def test_register_over_tls_and_the_registrars_call_comes_down_our_connecti
             await asyncio.sleep(0.5)
             assert calls, output[-2000:] + kamailio.log[-3000:]
             call = calls[0]
-            assert server.wire.is_secure(call.remote_address) and call.negotiated.srtp
+            assert call.invite.get_all("Via")[0].upper().startswith("SIP/2.0/TLS "), call.invite.get_all("Via")
+            assert call.negotiated.srtp
             assert call.rtp.stats.srtp_dropped == 0 and call.rtp.stats.packets_in > 100
             assert call.outcome == "caller hung up", kamailio.log[-3000:]  # its BYE came down the connection too
             await registration.stop()

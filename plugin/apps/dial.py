@@ -100,7 +100,7 @@ def check_args(args: argparse.Namespace) -> None:
     options.check_chunk_ms(args.chunk_ms)
     options.check_device(args.device)
     args.language = options.check_language(args.language or "auto", args.model)
-    args.uri = sip_uri(args.uri, secure=True)
+    args.uri = sip_uri(args.uri)
     if args.ring_timeout <= 0:
         raise ValueError("--ring-timeout must be more than 0 seconds")
 

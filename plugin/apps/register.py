@@ -36,7 +36,7 @@ def check(args: argparse.Namespace) -> None:
     """--register is a sip: AOR with a user; raises ValueError with what would work."""
     if getattr(args, "register", None) is None:
         return
-    args.register = sip_uri(args.register, secure=True)
+    args.register = sip_uri(args.register)
     if not uri_user(args.register):
         raise ValueError(f"--register {args.register}: needs a user (sip:user@registrar)")
     if args.password_env not in os.environ:

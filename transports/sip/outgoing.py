@@ -1,6 +1,6 @@
 """Our own out-of-dialog requests (REGISTER, INVITE, CANCEL): where they go and how they start.
 
-A target is a ``sip:`` URI or ``host[:port]`` (``sips:`` where the caller allows TLS: outbound calls); its host
+A target is a ``sip:`` or ``sips:`` URI or ``host[:port]`` (``sips:`` and ``;transport=tls``: over TLS); its host
 is used as it is when it is an IP literal, else looked up with ``loop.getaddrinfo`` (the resolver runs in the
 loop's executor, never blocking the event loop; A/AAAA only, no SRV/NAPTR; port 5060, 5061 for ``sips:``).
 Requests carry a Via with a fresh branch and ``rport``, Max-Forwards, From/To/Call-ID/CSeq and our Contact (the
@@ -27,13 +27,11 @@ class SIPTargetError(ValueError):
     """A target that is not a usable ``sip:`` URI or host[:port], or a host that does not resolve."""
 
 
-def sip_uri(target: str, *, secure: bool = False) -> str:
-    """``target`` as a ``sip:`` URI (``host``, ``user@host:port`` and ``sip:…`` are accepted); ``sips:…`` too when
-    ``secure`` (the caller can reach it over TLS), else it is refused with what is supported."""
+def sip_uri(target: str) -> str:
+    """``target`` as a ``sip:`` or ``sips:`` URI (``host``, ``user@host:port``, ``sip:…`` and ``sips:…`` are
+    accepted; a bare target becomes ``sip:``)."""
     target = target.strip()
     scheme = "sips:" if target.lower().startswith("sips:") else "sip:"
-    if scheme == "sips:" and not secure:
-        raise SIPTargetError(f"{target!r}: sips: (TLS) is supported for outbound calls only, not here")
     uri = target if target.lower().startswith(scheme) else f"{scheme}{target}"
     try:
         uri_host_port(uri)
@@ -59,7 +57,7 @@ def uri_user(uri: str) -> str | None:
 async def resolve(target: str, *, default_port: int = 5060, family: int = socket.AF_INET) -> Address:
     """(ip, port) of a ``sip:`` URI or host[:port]: IP literals as they are, names through ``loop.getaddrinfo``
     (in the executor). SIPTargetError when the name does not resolve."""
-    uri = sip_uri(target, secure=True)
+    uri = sip_uri(target)
     host, port = uri_host_port(uri)
     port = port or (5061 if is_secure(uri) else default_port)
     if is_ip_literal(host):

@@ -85,12 +85,12 @@ class SIPRegistration:
                  retry_max_secs: float = 300.0, auth_retry_secs: float = 60.0, tls_ca: str | None = None,
                  tls_verify: bool = True):
         self.uas = uas
-        self.aor = sip_uri(aor, secure=True)
+        self.aor = sip_uri(aor)
         self.user = uri_user(self.aor)
         if not self.user:
             raise SIPTargetError(f"{aor!r}: the address-of-record needs a user (sip:user@domain)")
         registrar = registrar or os.environ.get("SIP_REGISTRAR")
-        self.registrar = sip_uri(registrar, secure=True) if registrar else \
+        self.registrar = sip_uri(registrar) if registrar else \
             self.aor.split(":", 1)[0] + ":" + self.aor.split("@", 1)[1]
         self._tls = TLSConnector(uas.wire, ca=tls_ca, verify=tls_verify) if is_secure(self.registrar) else None
         self.credentials = credentials or Credentials.from_env(username=os.environ.get("SIP_USERNAME") or self.user)

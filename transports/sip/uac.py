@@ -90,8 +90,8 @@ class SIPUserAgentClient:
                  user: str = "pipecat", tls_ca: str | Path | None = None, tls_verify: bool = True):
         self.uas = uas
         self.credentials = credentials
-        self.outbound_proxy = sip_uri(outbound_proxy, secure=True) if outbound_proxy else None
-        self.from_uri = sip_uri(from_uri, secure=True) if from_uri else None
+        self.outbound_proxy = sip_uri(outbound_proxy) if outbound_proxy else None
+        self.from_uri = sip_uri(from_uri) if from_uri else None
         self.display_name = display_name
         self.user = user
         self._tls = TLSConnector(uas.wire, ca=tls_ca, verify=tls_verify)
@@ -100,7 +100,7 @@ class SIPUserAgentClient:
     async def dial(self, uri: str, *, ring_timeout: float = 60.0) -> CallResult:
         """Call ``uri`` and wait until it is answered, refused or given up (``ring_timeout`` s of ringing)."""
         try:
-            uri = sip_uri(uri, secure=True)
+            uri = sip_uri(uri)
             next_hop = self.outbound_proxy or uri
             destination = await resolve(next_hop)
         except SIPTargetError as exc:
