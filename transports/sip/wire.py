@@ -305,19 +305,10 @@ class SIPWire:
     async def _serve_opened(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             peer: Address) -> None:
         """Read a connection we opened until it ends (idle, unless a call lives on it: ``in_use``)."""
-        why = "closed by peer"
         try:
-            why = await self._read_messages(reader, writer, peer)
-        except SIPParseError as exc:
-            why = f"malformed ({exc})"
-        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
-            why = "connection lost"
+            why = await self._read_until_closed(reader, writer, peer)
         finally:
-            if self._streams.get(peer) is writer:
-                del self._streams[peer]
-                self._secure.discard(peer)
-                self._kept.discard(peer)
-            writer.close()
+            self._forget(peer, writer)
         logger.debug(f"SIP over TLS to {peer[0]}:{peer[1]}: {why}")
 
     # --- sending ------------------------------------------------------------------------------
@@ -382,24 +373,34 @@ class SIPWire:
         self._refusing = False
         self._streams[peer] = writer
         self._per_source[peer[0]] = self._per_source.get(peer[0], 0) + 1
-        why = "closed by peer"
         try:
             if tls and not await self._handshake(writer, peer):
                 return
-            why = await self._read_messages(reader, writer, peer)
-        except SIPParseError as exc:
-            why = f"malformed ({exc})"
-        except (ConnectionError, asyncio.IncompleteReadError):
-            why = "connection lost"
+            why = await self._read_until_closed(reader, writer, peer)
         finally:
-            if self._streams.get(peer) is writer:
-                del self._streams[peer]
-                self._secure.discard(peer)
+            self._forget(peer, writer)
             self._per_source[peer[0]] -= 1
             if not self._per_source[peer[0]]:
                 del self._per_source[peer[0]]
-            writer.close()
         logger.debug(f"SIP over TCP from {peer[0]}:{peer[1]}: {why}")
+
+    async def _read_until_closed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                 peer: Address) -> str:
+        """Read a connection (accepted or ours) until it ends; why it ended."""
+        try:
+            return await self._read_messages(reader, writer, peer)
+        except SIPParseError as exc:
+            return f"malformed ({exc})"
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):  # ssl.SSLError: a TLS record broke
+            return "connection lost"
+
+    def _forget(self, peer: Address, writer: asyncio.StreamWriter) -> None:
+        """Close a connection and drop it from the tables (unless a newer one to the same peer took its place)."""
+        if self._streams.get(peer) is writer:
+            del self._streams[peer]
+            self._secure.discard(peer)
+            self._kept.discard(peer)
+        writer.close()
 
     async def _handshake(self, writer: asyncio.StreamWriter, peer: Address) -> bool:
         """Upgrade a connection on the TLS port; False (counted, logged once per connection at info) when the
