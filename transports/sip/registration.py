@@ -70,8 +70,8 @@ class SIPRegistration:
     Parameters:
         uas: The started server whose socket is registered (and answers the calls that come).
         aor: Address-of-record, ``sip:user@domain``.
-        registrar: ``host[:port]`` or ``sip:`` URI to send REGISTER to; by default ``$SIP_REGISTRAR``, else the
-            AOR's domain.
+        registrar: ``host[:port]``, ``sip:`` or ``sips:`` URI (``sips:`` or ``;transport=tls``: over TLS) to send
+            REGISTER to; by default ``$SIP_REGISTRAR``, else the AOR's domain (and scheme).
         credentials: For the digest challenge; by default ``SIP_USERNAME``/``SIP_PASSWORD`` (user: the AOR's).
         expires: Lifetime asked for, in seconds.
         retry_min_secs, retry_max_secs: Back-off after a failure: doubling from the first, capped at the second.
